@@ -101,17 +101,28 @@ def _register_python_side():
         return
     _register_python_side.done = True
 
+    def same_device(op, named):
+        devices = {name: t.device for name, t in named.items()}
+        if len(set(devices.values())) > 1:
+            listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+            raise RuntimeError(f"{op}: {', '.join(devices)} must be on one device, got {listed}")
+
     @torch.library.register_fake("ganlab::warp_batch")
     def _(bank, index, theta, out_height, out_width, padding_mode, dtype):
         torch._check(bank.dim() == 4 and index.dim() == 1 and theta.dim() == 3)
+        same_device("warp_batch", dict(bank=bank, index=index, theta=theta))
         return bank.new_empty((index.shape[0], bank.shape[1], out_height, out_width), dtype=dtype)
 
     @torch.library.register_fake("ganlab::diffaug")
     def _(x, brightness, saturation, contrast, translation, cutout):
+        same_device("diffaug", dict(x=x, brightness=brightness, saturation=saturation, contrast=contrast,
+                                    translation=translation, cutout=cutout))
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("ganlab::diffaug_backward")
     def _(grad, saturation, contrast, translation, cutout):
+        same_device("diffaug_backward", dict(grad=grad, saturation=saturation, contrast=contrast,
+                                             translation=translation, cutout=cutout))
         return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
     # diffaug is affine in x: y = T x + (brightness term). Its gradient is T^T g, computed by

@@ -1,0 +1,406 @@
+"""Tests of the fused augmentation op (csrc/, augment.py) against oracles written elsewhere:
+F.affine_grid + F.grid_sample for the warp, torch.flip for orientation, DiffAugment's
+published formulas, torch.autograd.gradcheck and torch.library.opcheck."""
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import augment
+from augment import DiffAugParams
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+# absolute tolerance of the fused op's output in [-1, 1] against grid_sample in float32:
+# float32 differs only in rounding (coordinates), the 16-bit types by their final rounding
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension():
+    assert augment.load_extension(), "the C++ extension failed to build"
+
+
+def random_inputs(n, size, batch, seed, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    bank = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    index = torch.randint(0, n, (batch,), generator=g)
+    theta = augment.random_affine(batch, flip=0.5, translate=0.2, scale=(0.7, 1.4), rotate=30, generator=g)
+    return bank.to(device), index.to(device), theta.to(device)
+
+
+# ----------------------------------------------------------------------------- warp_batch
+
+@pytest.mark.parametrize("in_size,out_size", [(32, 32), (96, 64), (96, 96)])
+@pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_warp_equals_grid_sample(in_size, out_size, padding, dtype):
+    bank, index, theta = random_inputs(7, in_size, 12, seed=in_size + out_size)
+    fused = torch.ops.ganlab.warp_batch(bank, index, theta, out_size, out_size,
+                                        augment.PADDING_MODES[padding], dtype)
+    assert fused.dtype == dtype and fused.shape == (12, 3, out_size, out_size)
+    images = bank[index].float()
+    grid = F.affine_grid(theta, [12, 3, out_size, out_size], align_corners=False)
+    oracle = F.grid_sample(images, grid, mode="bilinear", padding_mode=padding, align_corners=False) / 127.5 - 1
+    torch.testing.assert_close(fused.float(), oracle, atol=TOLERANCE[dtype], rtol=0)
+
+
+def test_warp_non_square_output_and_input():
+    g = torch.Generator().manual_seed(3)
+    bank = torch.randint(0, 256, (3, 3, 20, 36), dtype=torch.uint8, generator=g)
+    index = torch.tensor([2, 0, 1, 2])
+    theta = augment.random_affine(4, translate=0.1, rotate=10, generator=g)
+    fused = augment.warp_batch(bank, index, theta, (24, 16), "reflection")
+    oracle = augment.warp_batch_reference(bank, index, theta, (24, 16), "reflection")
+    torch.testing.assert_close(fused, oracle, atol=1e-4, rtol=0)
+
+
+def test_identity_and_flip_keep_orientation():
+    # asymmetric content: a transpose, a vertical mirror or a channel swap would all show
+    bank = torch.arange(2 * 3 * 8 * 8).reshape(2, 3, 8, 8).mul(3).remainder(256).to(torch.uint8)
+    index = torch.tensor([1, 0])
+    identity = torch.tensor([[1.0, 0, 0], [0, 1, 0]]).repeat(2, 1, 1)
+    out = augment.warp_batch(bank, index, identity, 8)
+    torch.testing.assert_close(out, bank[index].float() / 127.5 - 1, atol=1e-6, rtol=0)
+    flipped = augment.random_affine(2, flip=1.0)  # always mirror left-right
+    out = augment.warp_batch(bank, index, flipped, 8)
+    torch.testing.assert_close(out, torch.flip(bank[index], dims=[3]).float() / 127.5 - 1, atol=1e-5, rtol=0)
+
+
+def test_zeros_padding_is_black():
+    bank = torch.full((1, 3, 4, 4), 200, dtype=torch.uint8)
+    far_away = torch.tensor([[[1.0, 0, 5.0], [0, 1, 0]]])  # reads far to the right of the image
+    out = augment.warp_batch(bank, torch.tensor([0]), far_away, 4, "zeros")
+    assert torch.all(out == -1)  # pixel 0, as index -> float -> grid_sample -> normalize gives
+    out = augment.warp_batch(bank, torch.tensor([0]), far_away, 4, "border")
+    torch.testing.assert_close(out, torch.full_like(out, 200 / 127.5 - 1))
+
+
+def test_warp_non_finite_theta_is_defined():
+    bank, index, theta = random_inputs(2, 8, 3, seed=1)
+    theta[0, 0, 0] = float("nan")
+    theta[1, 1, 2] = float("inf")
+    for padding in augment.PADDING_MODES:
+        out = augment.warp_batch(bank, index, theta, 8, padding)
+        assert torch.isfinite(out).all() and out.abs().max() <= 1
+
+
+def test_warp_non_contiguous_index_and_theta():
+    bank, index, theta = random_inputs(5, 16, 8, seed=2)
+    out = augment.warp_batch(bank, index[::2], theta[::2], 16)
+    ref = augment.warp_batch_reference(bank, index[::2].contiguous(), theta[::2].contiguous(), 16)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+def test_random_affine_samples():
+    g = torch.Generator().manual_seed(0)
+    theta = augment.random_affine(4000, flip=0.3, translate=0.1, scale=(0.8, 1.25), rotate=20, generator=g)
+    assert theta.shape == (4000, 2, 3) and theta.dtype == torch.float32
+    # determinant = sign / zoom^2: its sign counts flips, its size the zoom
+    det = torch.linalg.det(theta[:, :, :2])
+    assert abs((det < 0).float().mean().item() - 0.3) < 0.03
+    zoom = det.abs().rsqrt()
+    assert zoom.min() >= 0.8 - 1e-5 and zoom.max() <= 1.25 + 1e-5
+    assert theta[:, :, 2].abs().max() <= 0.2 + 1e-6  # a shift of 10% of the size is 0.2
+    again = augment.random_affine(4000, flip=0.3, translate=0.1, scale=(0.8, 1.25), rotate=20,
+                                  generator=torch.Generator().manual_seed(0))
+    assert torch.equal(theta, again)
+    plain = augment.random_affine(8, flip=0.0)
+    assert torch.equal(plain, torch.tensor([[1.0, 0, 0], [0, 1, 0]]).expand(8, 2, 3))
+
+
+# ----------------------------------------------------------------------------- diffaug
+
+def params_for(x, seed, policy="color,translation,cutout"):
+    B, _, H, W = x.shape
+    return augment.random_diffaug(B, H, W, policy, generator=torch.Generator().manual_seed(seed), device=x.device)
+
+
+def published_diffaugment(x, p):
+    """DiffAugment written out independently, loop by loop, from the formulas in DESIGN.md."""
+    out = torch.zeros_like(x)
+    B, C, H, W = x.shape
+    for n in range(B):
+        image = x[n] + p.brightness[n]
+        channel_mean = image.mean(dim=0, keepdim=True)
+        image = (image - channel_mean) * p.saturation[n] + channel_mean
+        image_mean = image.mean()
+        image = (image - image_mean) * p.contrast[n] + image_mean
+        ty, tx = p.translation[n].tolist()
+        top, left, bottom, right = p.cutout[n].tolist()
+        for y in range(H):
+            for xx in range(W):
+                inside_cut = top <= y < bottom and left <= xx < right
+                if not inside_cut and 0 <= y + ty < H and 0 <= xx + tx < W:
+                    out[n, :, y, xx] = image[:, y + ty, xx + tx]
+    return out
+
+
+@pytest.mark.parametrize("policy", ["color,translation,cutout", "color", "translation", "cutout", ""])
+def test_diffaug_equals_published_formulas(policy):
+    x = torch.randn(4, 3, 9, 12, dtype=torch.float64).clamp(-1, 1)
+    p = params_for(x, seed=len(policy), policy=policy)
+    expected = published_diffaugment(x, p)
+    torch.testing.assert_close(augment.diff_augment(x, p), expected)
+    torch.testing.assert_close(augment.diff_augment_reference(x, p), expected)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_diffaug_matches_reference_float32(channels):
+    x = torch.rand(16, channels, 32, 32) * 2 - 1
+    p = params_for(x, seed=channels)
+    torch.testing.assert_close(augment.diff_augment(x, p), augment.diff_augment_reference(x, p), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_diffaug_half_precision(dtype):
+    x = torch.rand(8, 3, 16, 16) * 2 - 1
+    p = params_for(x, seed=5)
+    out = augment.diff_augment(x.to(dtype), p)
+    assert out.dtype == dtype
+    # accumulates in float32: only the input and output roundings differ from float32
+    torch.testing.assert_close(out.float(), augment.diff_augment_reference(x, p), atol=0.05, rtol=0)
+
+
+def test_diffaug_extreme_params_and_non_contiguous_input():
+    x = (torch.rand(3, 3, 10, 10) * 2 - 1).transpose(2, 3)  # a non-contiguous view
+    p = DiffAugParams(torch.tensor([0.4, -0.5, 0.0]), torch.tensor([0.0, 2.0, 1.0]),
+                      torch.tensor([0.5, 1.5, 1.0]), torch.tensor([[30, -30], [-10, 0], [3, 2]]),
+                      torch.tensor([[-8, -8, 2, 2], [5, 5, 40, 40], [0, 0, 0, 0]]))
+    torch.testing.assert_close(augment.diff_augment(x, p), published_diffaugment(x, p), atol=1e-5, rtol=0)
+
+
+def test_diffaug_gradcheck():
+    x = torch.randn(3, 3, 6, 7, dtype=torch.float64, requires_grad=True)
+    p = params_for(x, seed=11)
+    assert torch.autograd.gradcheck(lambda t: torch.ops.ganlab.diffaug(t, *p), (x,))
+    # second order: a gradient penalty differentiates through the backward
+    assert torch.autograd.gradgradcheck(lambda t: torch.ops.ganlab.diffaug(t, *p), (x,))
+
+
+def test_diffaug_backward_matches_autograd_of_reference():
+    x = torch.randn(5, 3, 12, 12, requires_grad=True)
+    p = params_for(x, seed=12)
+    g = torch.randn(5, 3, 12, 12)
+    (fused,) = torch.autograd.grad(augment.diff_augment(x, p), x, g)
+    (reference,) = torch.autograd.grad(augment.diff_augment_reference(x, p), x, g)
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+    # an expanded (zero-stride) gradient, as .sum() hands back
+    (fused,) = torch.autograd.grad(augment.diff_augment(x, p).sum(), x)
+    (reference,) = torch.autograd.grad(augment.diff_augment_reference(x, p).sum(), x)
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_random_diffaug_distributions():
+    g = torch.Generator().manual_seed(1)
+    p = augment.random_diffaug(5000, 32, 64, generator=g)
+    assert p.brightness.min() >= -0.5 and p.brightness.max() < 0.5
+    assert p.saturation.min() >= 0 and p.saturation.max() < 2
+    assert p.contrast.min() >= 0.5 and p.contrast.max() < 1.5
+    assert p.translation[:, 0].abs().max() == 4 and p.translation[:, 1].abs().max() == 8  # round(size/8)
+    assert torch.all(p.cutout[:, 2] - p.cutout[:, 0] == 16) and torch.all(p.cutout[:, 3] - p.cutout[:, 1] == 32)
+    centre_y = p.cutout[:, 0] + 8
+    assert centre_y.min() == 0 and centre_y.max() == 32  # even side: centres 0 .. size
+    again = augment.random_diffaug(5000, 32, 64, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(p, again))
+    with pytest.raises(ValueError, match="unknown"):
+        augment.random_diffaug(2, 8, 8, "color,blur")
+
+
+# ----------------------------------------------------------------------------- registration
+
+def test_opcheck():
+    bank, index, theta = random_inputs(4, 12, 5, seed=7)
+    for padding in range(3):
+        torch.library.opcheck(torch.ops.ganlab.warp_batch, (bank, index, theta, 10, 8, padding, torch.float32))
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    p = params_for(x, seed=8)
+    torch.library.opcheck(torch.ops.ganlab.diffaug, (x, *p))
+    torch.library.opcheck(torch.ops.ganlab.diffaug_backward, (x, *p[1:]))
+
+
+def test_torch_compile_traces_the_ops():
+    bank, index, theta = random_inputs(4, 16, 6, seed=9)
+    x = torch.randn(6, 3, 16, 16)
+    p = params_for(x, seed=9)
+
+    def step(bank, index, theta, p):
+        real = augment.warp_batch(bank, index, theta, 16, check_index=False)
+        return augment.diff_augment(real, p)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(bank, index, theta, p), step(bank, index, theta, p))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def bad_warp_cases():
+    bank, index, theta = random_inputs(4, 8, 3, seed=0)
+    return [
+        ((bank.float(), index, theta), "bank must be uint8"),
+        ((bank[0], index, theta), r"bank must have shape \(N, 3, H, W\)"),
+        ((bank[:, :2].contiguous(), index, theta), r"bank must have shape \(N, 3, H, W\)"),
+        ((bank[:0], index, theta), "bank is empty"),
+        ((bank.contiguous(memory_format=torch.channels_last), index, theta), "bank must be contiguous"),
+        ((bank[:, :, ::2], index, theta), "bank must be contiguous"),
+        ((bank, index.int(), theta), "index must be int64"),
+        ((bank, index[None], theta), r"index must be 1-D"),
+        ((bank, index[:0], theta[:0]), "index is empty"),
+        ((bank, index, theta.double()), "theta must be float32"),
+        ((bank, index, theta[:, :1]), r"theta must have shape \(B, 2, 3\)"),
+        ((bank, index, theta[:2]), "theta has 2 matrices but index has 3"),
+        ((bank, torch.tensor([0, 4, 1]), theta), r"index\[1\] = 4 is out of range for a bank of 4"),
+        ((bank, torch.tensor([0, -1, 1]), theta), r"index\[1\] = -1 is out of range"),
+        ((bank, index, theta.to("meta")), "must be on one device"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(15))
+def test_warp_bad_input(case):
+    args, message = bad_warp_cases()[case]
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.ganlab.warp_batch(*args, 8, 8, 0, torch.float32)
+
+
+def test_warp_bad_options():
+    bank, index, theta = random_inputs(4, 8, 3, seed=0)
+    with pytest.raises(RuntimeError, match="padding_mode must be"):
+        torch.ops.ganlab.warp_batch(bank, index, theta, 8, 8, 3, torch.float32)
+    with pytest.raises(RuntimeError, match="dtype must be float32, float16 or bfloat16"):
+        torch.ops.ganlab.warp_batch(bank, index, theta, 8, 8, 0, torch.int32)
+    with pytest.raises(RuntimeError, match="output size must be positive"):
+        torch.ops.ganlab.warp_batch(bank, index, theta, 0, 8, 0, torch.float32)
+    with pytest.raises(ValueError, match="padding must be one of"):
+        augment.warp_batch(bank, index, theta, 8, padding="wrap")
+
+
+def bad_diffaug_cases():
+    x = torch.randn(3, 3, 8, 8)
+    b, s, k, t, r = params_for(x, seed=0)
+    return [
+        ((x.long(), b, s, k, t, r), "images must be float32, float64, float16 or bfloat16"),
+        ((x[0], b, s, k, t, r), r"images must have shape \(B, C, H, W\)"),
+        ((x[:, :, :0], b, s, k, t, r), "images are empty"),
+        ((x, b[:2], s, k, t, r), r"brightness must have shape \(3,\)"),
+        ((x, b, s[:, None], k, t, r), r"saturation must have shape \(3,\)"),
+        ((x, b, s, k.long(), t, r), "contrast must be a floating tensor"),
+        ((x, b, s, k, t.float(), r), "translation must be int64"),
+        ((x, b, s, k, t[:, :1], r), r"translation must have shape \(3, 2\)"),
+        ((x, b, s, k, t, r[:, :3]), r"cutout must have shape \(3, 4\)"),
+        ((x, b, s, k, t, r.to("meta")), "must be on one device"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_diffaug_bad_input(case):
+    args, message = bad_diffaug_cases()[case]
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.ganlab.diffaug(*args)
+
+
+# ----------------------------------------------------------------------------- build, fallback
+
+def test_reference_forced_by_environment():
+    code = "import augment, torch; print(augment.load_extension())"
+    env = dict(os.environ, GANLAB_REFERENCE="1")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_failed_build_falls_back_with_one_warning(monkeypatch):
+    def broken_build():
+        raise RuntimeError("Error building extension 'ganlab_ops': no compiler")
+
+    saved = dict(augment._state)
+    monkeypatch.setattr(augment, "_state", {"loaded": None})
+    monkeypatch.setattr(augment, "_build_and_load", broken_build)
+    monkeypatch.setattr(torch.ops, "ganlab", type("NoOps", (), {})())  # as if never loaded
+    bank, index, theta = random_inputs(3, 8, 2, seed=4)
+    with pytest.warns(UserWarning, match="pure-PyTorch reference") as record:
+        out = augment.warp_batch(bank, index, theta, 8)
+        augment.warp_batch(bank, index, theta, 8)
+    assert len(record) == 1
+    torch.testing.assert_close(out, augment.warp_batch_reference(bank, index, theta, 8))
+    assert saved["loaded"] is True
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_cuda_kernels_compile_with_nvcc(arch, tmp_path):
+    cmd = ["nvcc", "-std=c++17", "-O3", "-c", os.path.join(REPO, "csrc", "augment_kernels.cu"),
+           "-o", str(tmp_path / "kernels.o"), f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr.lower(), result.stderr
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_cuda_host_file_compiles():
+    from torch.utils import cpp_extension
+    import sysconfig
+
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    cmd = ["c++", "-std=c++20", "-fsyntax-only", *includes, os.path.join(REPO, "csrc", "augment_cuda.cpp")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+@needs_cuda
+@pytest.mark.parametrize("padding", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_warp_equals_cpu_and_grid_sample(padding, dtype):
+    for in_size, out_size in [(32, 32), (96, 64), (96, 96)]:
+        bank, index, theta = random_inputs(9, in_size, 33, seed=padding)
+        gpu = torch.ops.ganlab.warp_batch(bank.cuda(), index.cuda(), theta.cuda(), out_size, out_size, padding, dtype)
+        cpu = torch.ops.ganlab.warp_batch(bank, index, theta, out_size, out_size, padding, dtype)
+        torch.testing.assert_close(gpu.cpu().float(), cpu.float(), atol=TOLERANCE[dtype], rtol=0)
+        mode = list(augment.PADDING_MODES)[padding]
+        oracle = augment.warp_batch_reference(bank.cuda(), index.cuda(), theta.cuda(), out_size, mode)
+        torch.testing.assert_close(gpu.float(), oracle, atol=TOLERANCE[dtype], rtol=0)
+
+
+@needs_cuda
+def test_cuda_bad_index():
+    bank, index, theta = random_inputs(4, 8, 3, seed=0, device="cuda")
+    bad = torch.tensor([0, 9, 1], device="cuda")
+    with pytest.raises(IndexError, match="index values must be in"):
+        augment.warp_batch(bank, bad, theta, 8)
+    out = augment.warp_batch(bank, bad, theta, 8, check_index=False)  # no read outside the bank
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
+    with pytest.raises(RuntimeError, match="must be on one device"):
+        torch.ops.ganlab.warp_batch(bank, index.cpu(), theta, 8, 8, 0, torch.float32)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cuda_diffaug_equals_cpu(dtype):
+    x = (torch.rand(17, 3, 64, 64) * 2 - 1).to(dtype)
+    p = params_for(x, seed=3)
+    pc = DiffAugParams(*(t.cuda() for t in p))
+    torch.testing.assert_close(augment.diff_augment(x.cuda(), pc).cpu().float(),
+                               augment.diff_augment(x, p).float(), atol=1e-5 if dtype != torch.bfloat16 else 0.02, rtol=0)
+    g = torch.randn_like(x)
+    torch.testing.assert_close(torch.ops.ganlab.diffaug_backward(g.cuda(), *pc[1:]).cpu().float(),
+                               torch.ops.ganlab.diffaug_backward(g, *p[1:]).float(),
+                               atol=1e-5 if dtype != torch.bfloat16 else 0.02, rtol=0)
+
+
+@needs_cuda
+def test_cuda_gradcheck_and_opcheck():
+    x = torch.randn(3, 3, 6, 7, dtype=torch.float64, device="cuda", requires_grad=True)
+    p = params_for(x, seed=11)
+    assert torch.autograd.gradcheck(lambda t: torch.ops.ganlab.diffaug(t, *p), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: torch.ops.ganlab.diffaug(t, *p), (x,))
+    torch.library.opcheck(torch.ops.ganlab.diffaug, (x, *p))
+    torch.library.opcheck(torch.ops.ganlab.diffaug_backward, (x, *p[1:]))
+    bank, index, theta = random_inputs(4, 12, 5, seed=7, device="cuda")
+    torch.library.opcheck(torch.ops.ganlab.warp_batch, (bank, index, theta, 10, 8, 2, torch.bfloat16))
