@@ -110,6 +110,7 @@ static void warp_batch_cpu_kernel(const uint8_t* bank, int64_t H, int64_t W,
                                   const int64_t* index, const float* theta, int64_t B,
                                   int64_t h, int64_t w, int padding, out_t* out) {
   const int64_t image_size = 3 * H * W, plane = h * w;
+  const float inverse_w = 1.0f / w, inverse_h = 1.0f / h;
   // one task per output row: B * h rows, enough to keep every core busy even for B = 1
   at::parallel_for(0, B * h, 8, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -117,9 +118,10 @@ static void warp_batch_cpu_kernel(const uint8_t* bank, int64_t H, int64_t W,
       const int i = (int)(row % h);
       const uint8_t* image = bank + index[b] * image_size;
       out_t* o = out + b * 3 * plane + i * w;
+      const float v = (2 * i + 1) * inverse_h - 1.0f;
       for (int j = 0; j < (int)w; ++j) {
         float rgb[3];
-        warp_pixel(image, (int)H, (int)W, theta + 6 * b, i, j, (int)h, (int)w, padding, rgb);
+        warp_pixel(image, (int)H, (int)W, theta + 6 * b, (2 * j + 1) * inverse_w - 1.0f, v, padding, rgb);
         o[j] = static_cast<out_t>(rgb[0]);
         o[plane + j] = static_cast<out_t>(rgb[1]);
         o[2 * plane + j] = static_cast<out_t>(rgb[2]);

@@ -54,7 +54,8 @@ __global__ void warp_batch_kernel(const uint8_t* __restrict__ bank, int64_t N, i
     float m[6];
     for (int e = 0; e < 6; ++e) m[e] = __ldg(theta + 6 * b + e);
     float rgb[3];
-    warp_pixel(bank + row * 3 * (int64_t)H * W, H, W, m, i, j, h, w, padding, rgb);
+    const float u = (2 * j + 1) * (1.0f / w) - 1.0f, v = (2 * i + 1) * (1.0f / h) - 1.0f;
+    warp_pixel(bank + row * 3 * (int64_t)H * W, H, W, m, u, v, padding, rgb);
     store(o, rgb[0]), store(o + plane, rgb[1]), store(o + 2 * plane, rgb[2]);
   }
 }

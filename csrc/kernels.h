@@ -26,24 +26,35 @@ enum Padding : int { kZeros = 0, kBorder = 1, kReflection = 2 };
 // Conventions of F.affine_grid + F.grid_sample with align_corners=False:
 //   output pixel (i, j) of an h x w output has normalized centre
 //       u = (2j + 1) / w - 1,   v = (2i + 1) / h - 1            (both in (-1, 1))
+//   (the callers multiply by 1/w and 1/h, computed once: a division per pixel costs more)
 //   the sample's 2x3 matrix theta maps it to a normalized source point
 //       [gx, gy] = theta @ [u, v, 1]
 //   which lands at input pixel coordinates (pixel centres at integers)
 //       ix = ((gx + 1) * W - 1) / 2,   iy = ((gy + 1) * H - 1) / 2
 // ----------------------------------------------------------------------------------------
 
+// Plain comparisons and an integer floor instead of fminf/fmaxf/floorf/fmodf: without
+// -ffast-math or SSE4.1, g++ compiles those as calls into libm, several per pixel, which
+// made the CPU kernel slower than grid_sample. floor_to_int needs |x| < 2^31.
+GANLAB_HD int floor_to_int(float x) {
+  const int i = (int)x;  // rounds toward zero
+  return x < (float)i ? i - 1 : i;
+}
+
+GANLAB_HD float clamp_coordinate(float x, int size) {
+  const float high = (float)(size - 1);
+  return x < 0.0f ? 0.0f : (x > high ? high : x);
+}
+
 // Mirror a coordinate about the image's outer edges (-0.5 and size - 0.5) until it lies
 // inside, as grid_sample's padding_mode="reflection" does with align_corners=False.
 GANLAB_HD float reflect_coordinate(float x, int size) {
   const float low = -0.5f, span = (float)size;
-  x = fabsf(x - low);
-  const float extra = fmodf(x, span);
-  const int flips = (int)floorf(x / span);
+  x = x < low ? low - x : x - low;  // distance from the low edge
+  int flips = floor_to_int(x * (1.0f / span));
+  if (x - flips * span >= span) flips += 1;  // the reciprocal may round just below an edge
+  const float extra = x - flips * span;  // x mod span
   return (flips % 2 == 0) ? extra + low : span - extra + low;
-}
-
-GANLAB_HD float clamp_coordinate(float x, int size) {
-  return fminf(fmaxf(x, 0.0f), (float)(size - 1));
 }
 
 // Source coordinate along one axis after the padding rule. Non-finite or huge values (a
@@ -51,27 +62,26 @@ GANLAB_HD float clamp_coordinate(float x, int size) {
 // always defined; such pixels read as padding, never out of bounds.
 GANLAB_HD float source_coordinate(float normalized, int size, int padding) {
   float x = ((normalized + 1.0f) * size - 1.0f) * 0.5f;
-  x = fminf(fmaxf(x, -1.0e6f), 1.0e6f);  // fmaxf also maps NaN to -1e6
+  if (!(x > -1.0e6f)) x = -1.0e6f;  // also catches NaN
+  if (x > 1.0e6f) x = 1.0e6f;
   if (padding == kReflection) x = clamp_coordinate(reflect_coordinate(x, size), size);
   else if (padding == kBorder) x = clamp_coordinate(x, size);
   return x;
 }
 
-// Bilinear sample of all 3 channels of one uint8 image (3, H, W) at output pixel (i, j),
-// normalized to [-1, 1]. Taps outside the image count as pixel value 0 (zeros padding);
+// Bilinear sample of all 3 channels of one uint8 image (3, H, W) at the output pixel whose
+// normalized centre is (u, v), normalized to [-1, 1]. Taps outside the image count as pixel value 0 (zeros padding);
 // with border and reflection padding the coordinate is already inside, so every tap is.
 // Writes rgb[0..2].
 GANLAB_HD void warp_pixel(const uint8_t* image, int H, int W, const float* theta,
-                          int i, int j, int h, int w, int padding, float* rgb) {
-  const float u = (2.0f * j + 1.0f) / w - 1.0f;
-  const float v = (2.0f * i + 1.0f) / h - 1.0f;
+                          float u, float v, int padding, float* rgb) {
   const float gx = theta[0] * u + theta[1] * v + theta[2];
   const float gy = theta[3] * u + theta[4] * v + theta[5];
   const float ix = source_coordinate(gx, W, padding);
   const float iy = source_coordinate(gy, H, padding);
 
   // the four neighbours and their weights: (1 - dx)(1 - dy), dx(1 - dy), (1 - dx)dy, dx dy
-  const int x0 = (int)floorf(ix), y0 = (int)floorf(iy);
+  const int x0 = floor_to_int(ix), y0 = floor_to_int(iy);
   const int x1 = x0 + 1, y1 = y0 + 1;
   const float dx = ix - x0, dy = iy - y0;
   float w00 = (1.0f - dx) * (1.0f - dy), w01 = dx * (1.0f - dy);
