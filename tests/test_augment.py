@@ -52,6 +52,17 @@ def test_warp_equals_grid_sample(in_size, out_size, padding, dtype):
     torch.testing.assert_close(fused.float(), oracle, atol=TOLERANCE[dtype], rtol=0)
 
 
+@pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
+def test_warp_far_outside_the_image(padding):
+    # zoomed out 4x and shifted by several image sizes: reflection folds many times
+    g = torch.Generator().manual_seed(5)
+    bank = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=g)
+    theta = torch.tensor([[[3.7, 0.2, 2.9], [0.1, -4.2, -3.3]], [[-4.0, 0.0, -7.5], [0.0, 4.0, 6.25]]])
+    fused = augment.warp_batch(bank, torch.tensor([0, 1]), theta, 24, padding)
+    oracle = augment.warp_batch_reference(bank, torch.tensor([0, 1]), theta, 24, padding)
+    torch.testing.assert_close(fused, oracle, atol=2e-3, rtol=0)
+
+
 def test_warp_non_square_output_and_input():
     g = torch.Generator().manual_seed(3)
     bank = torch.randint(0, 256, (3, 3, 20, 36), dtype=torch.uint8, generator=g)
