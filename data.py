@@ -1,0 +1,514 @@
+"""Dataset readers: files on disk -> one uint8 tensor (N, 3, H, W), the image bank the op samples from.
+
+    from data import load_images
+    x = load_images('shapes')              # built-in procedural icons, (20000, 3, 32, 32), no download
+    x = load_images('lld')                 # LLD-icon from data/lld/: hdf5, pkl, png folder or png zip
+    x = load_images('anime', size=64)      # anime faces from data/anime/: centre square, resized once
+    x = load_images('some/folder_or.zip')  # any images (or an .hdf5/.pkl file), treated like anime
+
+    python data.py --data anime --image-size 64   # decode once, fill the cache, print time and memory
+
+Where data is looked for: `root` (the scripts' --data-root), else $GANLAB_DATA, else data/ beside
+this file; 'lld' and 'anime' are the folders root/lld and root/anime. In a folder the order of
+preference is: an .hdf5 file (LLD-icon.hdf5 first), else its .pkl files, else its images
+(recursively; LLD's PNG folders LLD_favicons_full_png, then _clean_png), else its largest .zip.
+
+Images (png, jpg, ...) are decoded once, in parallel, and cached as a .npy of the final uint8
+array; later runs read that. The cache goes to `cache_dir`, else $GANLAB_CACHE, else a hidden
+.ganlab-cache/ folder beside the data, else (data folder not writable) $XDG_CACHE_HOME/ganlab or
+~/.cache/ganlab. It is keyed by the source (file names, sizes, mtimes) and the image size, so a
+changed source or size builds a new one; a truncated or corrupt one is rebuilt. HDF5 and pickle
+files are arrays already and are read directly.
+
+Only images are read: never labels or metadata (the models' only input is noise).
+"""
+import argparse
+import concurrent.futures
+import contextlib
+import hashlib
+import io
+import multiprocessing
+import os
+import pickle
+import sys
+import tempfile
+import time
+import warnings
+import zipfile
+
+import h5py
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+LLD_URL = 'https://data.vision.ee.ethz.ch/sagea/lld/'
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
+CACHE_VERSION = 1  # bump when decoding changes (filter, crop, colours): old caches are then rebuilt
+# what Pillow and zipfile raise for a bad image: such an image is skipped, not fatal
+BAD_IMAGE = (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, Image.DecompressionBombError)
+
+MISSING = {
+    'lld': ("LLD-icon not found in {folder}/. Download LLD-icon.hdf5 (or the LLD-icon PKL files "
+            "LLD-icon_data_0.pkl ..., or a PNG zip, unpacked or not) from " + LLD_URL + " and put it in "
+            "{folder}/, or point --data-root / $GANLAB_DATA at a folder holding lld/, or pass --data PATH. "
+            "To try things without a download: --data shapes."),
+    'anime': ("anime faces not found in {folder}/. Put the assignment's anime-face set (51,223 96x96 "
+              "JPEGs, as a folder or a .zip) in {folder}/, or point --data-root / $GANLAB_DATA at a "
+              "folder holding anime/, or pass --data PATH to any folder or zip of images. "
+              "To try things without a download: --data shapes."),
+}
+
+
+def load_images(name_or_path='shapes', root=None, size=None, *, n=20000, seed=0,
+                cache_dir=None, workers=None, progress=True):
+    """Return images as a uint8 tensor (N, 3, size, size), contiguous, on the CPU.
+
+    name_or_path: 'shapes', 'lld', 'anime', or a folder, .zip, .hdf5 or .pkl file.
+    size: side in pixels; None gives 32 for 'shapes' and 'lld', an .hdf5/.pkl file's own size, else 64.
+    n, seed: how many 'shapes' icons, and their seed.
+    cache_dir: where decoded images are cached; workers: decoding processes (default: all cores);
+    progress: show progress bars and what is read from where.
+    """
+    name_or_path = os.fspath(name_or_path)
+    if name_or_path == 'shapes':
+        return torch.from_numpy(make_shapes(n, size or 32, seed))
+    kind, paths = find_source(name_or_path, root)
+    if progress:
+        print(f'{name_or_path}: reading {", ".join(paths)}', file=sys.stderr)
+    if kind in ('folder', 'zip'):
+        size = size or (32 if name_or_path == 'lld' else 64)
+        return torch.from_numpy(_cached_decode(kind, paths[0], size, cache_dir, workers, progress))
+    x = read_hdf5(paths[0], progress) if kind == 'hdf5' else read_pkls(paths, progress)
+    if size and x.shape[2:] != (size, size):  # arrays are not cached: resizing them is quick
+        x = np.stack([to_chw(fit_image(Image.fromarray(im.transpose(1, 2, 0)), size))
+                      for im in tqdm(x, desc='resize', unit='img', disable=not progress)])
+    return torch.from_numpy(x)
+
+
+# ---------------------------------------------------------------- finding the files
+
+def find_source(name_or_path, root=None):
+    """'lld', 'anime' or a path -> (kind, paths); kind is 'hdf5', 'pkl', 'folder' or 'zip'."""
+    if name_or_path in MISSING:
+        root = root or os.environ.get('GANLAB_DATA') or os.path.join(REPO, 'data')
+        folder = os.path.abspath(os.path.join(root, name_or_path))
+        found = _source_in_folder(folder) if os.path.isdir(folder) else None
+        if found is None:
+            raise FileNotFoundError(MISSING[name_or_path].format(folder=folder))
+        return found
+    path = name_or_path
+    if os.path.isdir(path):
+        found = _source_in_folder(path)
+        if found is None:
+            raise ValueError(f'{path}: no images in it (nor .hdf5, .pkl or .zip files)')
+        return found
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file or folder (and not one of 'shapes', 'lld', 'anime')")
+    for kind, exts in (('hdf5', ('.hdf5', '.h5')), ('pkl', ('.pkl', '.pickle')), ('zip', ('.zip',))):
+        if path.lower().endswith(exts):
+            return kind, [path]
+    raise ValueError(f'{path}: not a folder, .zip, .hdf5 or .pkl file')
+
+
+def _source_in_folder(folder):
+    """The data in a folder, in the order of preference the module docstring gives, or None."""
+    paths = [os.path.join(folder, f) for f in sorted(os.listdir(folder), key=_numeric_first) if f[0] != '.']
+    hdf5 = [p for p in paths if p.lower().endswith(('.hdf5', '.h5'))]
+    if hdf5:
+        return 'hdf5', [min(hdf5, key=lambda p: os.path.basename(p) != 'LLD-icon.hdf5')]
+    pkl = [p for p in paths if p.lower().endswith(('.pkl', '.pickle'))]
+    if pkl:
+        return 'pkl', pkl  # LLD-icon_data_0.pkl, _1.pkl, ... all of them, in order
+    for sub in ('LLD_favicons_full_png', 'LLD_favicons_clean_png'):
+        if os.path.isdir(os.path.join(folder, sub)):
+            return 'folder', [os.path.join(folder, sub)]
+    if any(p.lower().endswith(IMAGE_EXTS) for p in _walk(folder)):
+        return 'folder', [folder]
+    zips = [p for p in paths if p.lower().endswith('.zip')]
+    if zips:  # LLD's full set and clean set come as two zips: the larger is the full one
+        return 'zip', [max(zips, key=os.path.getsize)]
+    return None
+
+
+def _numeric_first(path):
+    """Sort key: in each folder, numeric names in numeric order (2.jpg before 10.jpg), then the others
+    in lexicographic order."""
+    folder, _, name = path.rpartition('/')
+    stem = name.rpartition('.')[0] or name
+    return (folder, 0, int(stem), name) if stem.isdecimal() else (folder, 1, 0, name)
+
+
+def _walk(folder):
+    """All files under folder, as relative paths with '/'."""
+    for d, _, files in os.walk(folder):
+        rel = os.path.relpath(d, folder).replace(os.sep, '/')
+        yield from (f if rel == '.' else f'{rel}/{f}' for f in files)
+
+
+def _list_images(relpaths):
+    """-> (image paths in numeric-first order, number of other files). Hidden files and macOS
+    zip junk (__MACOSX/, ._name) are dropped silently: they are not images, whatever the name."""
+    relpaths = [p for p in relpaths if '/.' not in '/' + p and '__MACOSX/' not in p]
+    images = [p for p in relpaths if p.lower().endswith(IMAGE_EXTS)]
+    return sorted(images, key=_numeric_first), len(relpaths) - len(images)
+
+
+# ---------------------------------------------------------------- arrays: hdf5 and pkl
+
+def _check_bank(path, dtype, shape, layout):
+    channels = shape[1] if layout == 'NCHW' else shape[-1]
+    if dtype != np.uint8 or len(shape) != 4 or channels != 3 or shape[0] == 0:
+        raise ValueError(f'{path}: expected uint8 RGB images {layout} (N > 0, 3 channels), '
+                         f'found {dtype} of shape {tuple(shape)}')
+
+
+def read_hdf5(path, progress=True):
+    """LLD-icon HDF5 -> uint8 (N, 3, H, W): dataset 'data' is channels first already, kept as is.
+    Only 'data' is opened; the label groups under labels/ are never read."""
+    try:
+        with h5py.File(path, 'r') as f:
+            if not isinstance(f.get('data'), h5py.Dataset):
+                raise ValueError(f"{path}: no dataset 'data' (LLD-icon keeps its images there)")
+            data = f['data']
+            _check_bank(path, data.dtype, data.shape, 'NCHW')
+            x = np.empty(data.shape, np.uint8)
+            step = 65536  # read in slices only to show progress
+            for i in tqdm(range(0, len(x), step), desc='hdf5', unit='slice', disable=not progress):
+                data.read_direct(x, np.s_[i:i + step], np.s_[i:i + step])
+    except OSError as e:  # h5py's messages do not say which file
+        raise ValueError(f'{path}: unreadable HDF5 file ({e})') from e
+    return x
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else: a pickle may call any function it names, and these
+    files come from the internet."""
+    SAFE = {('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode'),
+            ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct')}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.SAFE:
+            raise pickle.UnpicklingError(f'refusing {module}.{name}: only numpy arrays are read')
+        return super().find_class(module, name)
+
+
+def read_pkls(paths, progress=True):
+    """LLD-icon PKL files, each a uint8 array (n, H, W, 3) channels last -> one (N, 3, H, W)."""
+    parts = []
+    for path in tqdm(paths, desc='pkl', unit='file', disable=not progress):
+        try:
+            with open(path, 'rb') as f:
+                # written by Python 2: its byte strings (the pixels) need latin1 to come back as bytes
+                x = _ArrayUnpickler(f, encoding='latin1').load()
+        except Exception as e:  # truncated or foreign pickles fail in many ways; all mean "unreadable"
+            raise ValueError(f'{path}: unreadable pickle ({type(e).__name__}: {e})') from e
+        if not isinstance(x, np.ndarray):
+            raise ValueError(f'{path}: expected a numpy array, found {type(x).__name__}')
+        _check_bank(path, x.dtype, x.shape, 'NHWC')
+        if parts and x.shape[1:] != parts[0].shape[1:]:
+            raise ValueError(f'{path}: images of shape {x.shape[1:]}, the files before: {parts[0].shape[1:]}')
+        parts.append(x)
+    _, h, w, _ = parts[0].shape
+    out = np.empty((sum(len(x) for x in parts), 3, h, w), np.uint8)
+    start = 0
+    for x in parts:
+        # channels last -> first keeps the two spatial axes in order: transpose(0, 3, 1, 2). (A bare
+        # np.transpose reverses all axes and mirrors every logo along its diagonal.)
+        out[start:start + len(x)] = x.transpose(0, 3, 1, 2)
+        start += len(x)
+    return out
+
+
+# ---------------------------------------------------------------- images: decode, in parallel, cached
+
+def fit_image(im, size):
+    """A PIL image -> uint8 (size, size, 3): upright, RGB, the centre square resized to size."""
+    # JPEG only: let the decoder shrink by 1/2, 1/4 or 1/8 in the DCT domain while staying >= size
+    # (much faster for big photos; no change for images smaller than twice the size)
+    im.draft(None, (size, size))
+    if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation: the photo is stored turned; turn it back
+        im = ImageOps.exif_transpose(im)
+    if im.mode in ('RGBA', 'LA', 'PA') or 'transparency' in im.info:
+        # transparent pixels become white: logos and icons are drawn to be seen on a white page
+        white = Image.new('RGBA', im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im.convert('RGBA'))
+    if im.mode != 'RGB':
+        im = im.convert('RGB')  # grayscale, palette, CMYK, ...
+    w, h = im.size
+    s = min(w, h)
+    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+    if s == size and (w, h) != (size, size):
+        im = im.crop(box)
+    elif s != size:
+        # Lanczos: a windowed sinc, widened by the shrink factor so it also anti-aliases; the sharpest
+        # of Pillow's filters, and the centre crop is passed as `box` so it costs nothing extra.
+        # reducing_gap=3 first box-averages very big images by an integer factor (fast), leaving at
+        # least 3x for Lanczos, which Pillow documents as indistinguishable from exact resampling.
+        im = im.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+    return np.asarray(im)
+
+
+def to_chw(im):
+    """(H, W, 3) -> (3, H, W) with transpose(2, 0, 1); a bare np.transpose would give (3, W, H)."""
+    return im.transpose(2, 0, 1)
+
+
+def _decode_chunk(job):
+    """Worker: decode some images -> uint8 (k, 3, size, size), and [(index, name, why)] of unreadable ones."""
+    kind, base, names, size = job
+    out = np.zeros((len(names), 3, size, size), np.uint8)
+    bad = []
+    with (zipfile.ZipFile(base) if kind == 'zip' else contextlib.nullcontext()) as archive:
+        for i, name in enumerate(names):
+            try:
+                f = io.BytesIO(archive.read(name)) if archive else os.path.join(base, name)
+                with Image.open(f) as im:
+                    out[i] = to_chw(fit_image(im, size))
+            except BAD_IMAGE as e:
+                bad.append((i, name, f'{type(e).__name__}: {e}'))
+    return out, bad
+
+
+def decode_images(kind, base, names, size, workers=None, progress=True):
+    """Decode files under a folder (or members of a zip) -> uint8 (N, 3, size, size), in name order.
+    Unreadable images are skipped with one warning that counts them."""
+    if not workers:  # the cores this process may use (in a container, fewer than the machine has)
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    step = max(1, min(1000, -(-len(names) // (4 * workers))))  # >= 4 chunks a worker: an even finish
+    jobs = [(kind, base, names[i:i + step], size) for i in range(0, len(names), step)]
+    # fork, not spawn: the model scripts are flat files with no `if __name__ == '__main__'`, and a
+    # spawned worker would run the whole script again. Where there is no fork (Windows): one process.
+    fork = workers > 1 and len(jobs) > 1 and 'fork' in multiprocessing.get_all_start_methods()
+    pool = concurrent.futures.ProcessPoolExecutor(
+        min(workers, len(jobs)), mp_context=multiprocessing.get_context('fork')) if fork else None
+    out = np.empty((len(names), 3, size, size), np.uint8)
+    bad = []
+    try:
+        # submitting forks the workers: before tqdm starts its monitor thread
+        results = pool.map(_decode_chunk, jobs) if pool else map(_decode_chunk, jobs)
+        with tqdm(total=len(names), desc='decode', unit='img', disable=not progress) as bar:
+            for start, (x, errors) in zip(range(0, len(names), step), results):
+                out[start:start + len(x)] = x
+                bad += [(start + i, name, why) for i, name, why in errors]
+                bar.update(len(x))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    if bad:
+        shown = '; '.join(f'{name} ({why})' for _, name, why in bad[:3])
+        more = ' ...' if len(bad) > 3 else ''
+        warnings.warn(f'skipped {len(bad)} unreadable image(s) in {base}: {shown}{more}')
+        keep = np.ones(len(names), bool)
+        keep[[i for i, _, _ in bad]] = False
+        out = out[keep]
+    if len(out) == 0:
+        raise ValueError(f'{base}: none of its {len(names)} image(s) could be read')
+    return out
+
+
+def _cached_decode(kind, base, size, cache_dir, workers, progress):
+    """A folder's or zip's images at `size`: from the cache if it matches the source, else decoded, cached."""
+    if kind == 'folder':
+        names, others = _list_images(_walk(base))
+        stats = (os.stat(os.path.join(base, p)) for p in names)
+        stamp = '\n'.join(f'{p} {st.st_size} {st.st_mtime_ns}' for p, st in zip(names, stats))
+    else:
+        st = os.stat(base)
+        stamp = f'{st.st_size} {st.st_mtime_ns}'  # a zip changes as a whole: its size and mtime say so
+    key = hashlib.sha1(f'{CACHE_VERSION}\n{kind}\n{size}\n{stamp}'.encode()).hexdigest()[:16]
+    base = os.path.abspath(base)
+    where = hashlib.sha1(base.encode()).hexdigest()[:8]  # two folders may share a name
+    prefix = f'{os.path.basename(base)}-{where}-{size}px-'
+    folder = _cache_folder(base, cache_dir)
+    path = os.path.join(folder, prefix + key + '.npy')
+    x = _read_cache(path, size)
+    if x is not None:
+        if progress:
+            print(f'cache: {path}', file=sys.stderr)
+        return x
+    if kind == 'zip':
+        names, others = _zip_images(base)
+    if not names:
+        raise ValueError(f'{base}: no images in it ({others} other file(s))')
+    if others:
+        warnings.warn(f'skipped {others} non-image file(s) in {base}')
+    if progress:
+        print(f'decoding {len(names):,} images once; cache: {path}', file=sys.stderr)
+    x = decode_images(kind, base, names, size, workers, progress)
+    if _write_cache(path, x, prefix):
+        x = _read_cache(path, size)  # the mapped file, as a later run gets it; frees the decoded copy
+    return x
+
+
+def _zip_images(path):
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return _list_images(i.filename for i in archive.infolist() if not i.is_dir())
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f'{path}: unreadable zip file ({e})') from e
+
+
+def _cache_folder(base, cache_dir):
+    """cache_dir, else $GANLAB_CACHE, else .ganlab-cache/ beside the data if that folder is writable,
+    else the user's cache: $XDG_CACHE_HOME/ganlab or ~/.cache/ganlab."""
+    if cache_dir or os.environ.get('GANLAB_CACHE'):
+        return cache_dir or os.environ['GANLAB_CACHE']
+    beside = os.path.join(os.path.dirname(base), '.ganlab-cache')
+    if _writable(beside):
+        return beside
+    return os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'ganlab')
+
+
+def _writable(folder):
+    """Can we create files in folder (or, if it does not exist yet, in its first existing parent)?
+    root passes os.access everywhere, so the permission bits are honoured too: a folder marked
+    read-only (like /work/shared) is left alone even by root."""
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    return os.access(folder, os.W_OK) and bool(os.stat(folder).st_mode & 0o222)
+
+
+def _read_cache(path, size):
+    """The cached array, or None if there is none or it is unusable (truncated, corrupt, wrong shape).
+
+    The file is memory-mapped copy-on-write: loading takes no time and no fresh memory (the pages are
+    the OS's file cache, read on first touch, shared between runs); writes stay private to the process.
+    """
+    if not os.path.exists(path):
+        return None
+    try:
+        x = np.load(path, mmap_mode='c', allow_pickle=False)  # fails on a truncated file: too short to map
+        if x.dtype == np.uint8 and x.ndim == 4 and x.shape[1:] == (3, size, size) and len(x) > 0:
+            return x
+        why = f'{x.dtype} of shape {x.shape}'
+    except (OSError, ValueError, EOFError) as e:
+        why = str(e)
+    warnings.warn(f'cache {path} is unusable ({why}): rebuilding it')
+    return None
+
+
+def _write_cache(path, x, prefix):
+    """Write atomically (a temporary file in the same folder, then os.replace), so a run that dies
+    midway leaves no half-written cache; then delete older caches of the same source and size."""
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix='.tmp')
+        try:
+            with os.fdopen(fd, 'wb') as f:
+                np.save(f, x)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache beside shared data is for everyone
+            os.replace(tmp, path)
+        except BaseException:
+            os.remove(tmp)
+            raise
+    except OSError as e:  # full disk, read-only mount, ...: the images are fine, only not cached
+        warnings.warn(f'could not write cache {path}: {e}')
+        return False
+    for f in os.listdir(folder):
+        if f.startswith(prefix) and f.endswith('.npy') and f != os.path.basename(path):
+            with contextlib.suppress(OSError):  # e.g. still mapped by another run, on Windows
+                os.remove(os.path.join(folder, f))
+    return True
+
+
+# ---------------------------------------------------------------- shapes: a built-in procedural set
+
+# flat colours, as on most logos: white, black, red, orange, yellow, green, teal, blue, purple, pink
+PALETTE = np.array([[245, 245, 245], [30, 30, 30], [220, 50, 47], [240, 140, 30], [250, 210, 40],
+                    [60, 170, 75], [30, 150, 160], [40, 90, 200], [130, 70, 180], [235, 110, 160]],
+                   np.float32)
+
+# each shape: offsets (dx, dy) of pixels from its centre, and its radius r, in image widths -> inside?
+SHAPES = {
+    'disc': lambda dx, dy, r: dx ** 2 + dy ** 2 < r ** 2,
+    'ring': lambda dx, dy, r: abs(np.hypot(dx, dy) - 0.75 * r) < 0.25 * r,
+    'square': lambda dx, dy, r: np.maximum(abs(dx), abs(dy)) < 0.8 * r,
+    'diamond': lambda dx, dy, r: abs(dx) + abs(dy) < r,
+    'triangle': lambda dx, dy, r: (dy < 0.7 * r) & (abs(dx) < 0.55 * (dy + r)),
+    'plus': lambda dx, dy, r: (np.minimum(abs(dx), abs(dy)) < 0.25 * r) & (np.maximum(abs(dx), abs(dy)) < r),
+    'T': lambda dx, dy, r: (abs(dy) < r) & (abs(dx) < 0.8 * r) & ((dy < -0.6 * r) | (abs(dx) < 0.2 * r)),
+    'L': lambda dx, dy, r: (abs(dy) < r) & (abs(dx) < 0.7 * r) & ((dy > 0.6 * r) | (dx < -0.3 * r)),
+}
+
+
+def make_shapes(n=20000, size=32, seed=0):
+    """Logo-like icons, uint8 (n, 3, size, size), the same for the same seed.
+
+    Each: a plain or two-tone background, one shape (disc, ring, square, diamond, triangle, plus, or a
+    letter-like T or L) in a third colour, sometimes with a bar below it like a word mark. Few colours
+    and shapes, so a small GAN learns the set in minutes.
+    """
+    rng = np.random.default_rng(seed)
+    k = len(PALETTE)
+    # every random choice is drawn up front, so the result does not depend on the chunks below
+    bg = rng.integers(k, size=n)
+    bg2 = (bg + rng.integers(1, k, size=n)) % k  # second background colour, never the first
+    fg = rng.integers(k - 2, size=n)  # 0..k-3, then stepped over both background colours
+    fg += fg >= np.minimum(bg, bg2)
+    fg += fg >= np.maximum(bg, bg2)
+    bar = rng.random(n) < 0.3
+    p = dict(bg=bg, bg2=bg2, fg=fg, bar=bar,
+             split=rng.choice(4, size=n, p=[0.55, 0.15, 0.15, 0.15]),  # plain, left|right, top/bottom, diag.
+             shape=rng.integers(len(SHAPES), size=n),
+             cx=rng.uniform(0.4, 0.6, n).astype(np.float32),
+             cy=(rng.uniform(0.4, 0.6, n) - 0.1 * bar).astype(np.float32),  # room for the bar below
+             r=rng.uniform(0.2, 0.3, n).astype(np.float32))
+    out = np.empty((n, 3, size, size), np.uint8)
+    step = max(1, 2 ** 20 // size ** 2)  # icons per chunk: a few MB of temporaries
+    for i in range(0, n, step):
+        out[i:i + step] = _draw_icons({name: v[i:i + step] for name, v in p.items()}, size)
+    return out
+
+
+def _draw_icons(p, size):
+    """Icons with parameters p (arrays, one value per icon) -> uint8 (b, 3, size, size). Drawn at twice
+    the size and averaged 2x2, so edges are anti-aliased like those of real icons."""
+    t = (np.arange(2 * size, dtype=np.float32) + 0.5) / (2 * size)  # subpixel centres in [0, 1]
+    x, y = t[None, None, :], t[None, :, None]
+    q = {name: v[:, None, None] for name, v in p.items()}  # (b, 1, 1): broadcasts over (b, 2size, 2size)
+    s = q['split']
+    side = ((s == 1) & (x < 0.5)) | ((s == 2) & (y < 0.5)) | ((s == 3) & (x + y < 1))
+    mask = np.zeros(side.shape, bool)
+    for m, inside in enumerate(SHAPES.values()):
+        i = np.flatnonzero(p['shape'] == m)
+        mask[i] = inside(x - q['cx'][i], y - q['cy'][i], q['r'][i])
+    below = y - q['cy'] - q['r']
+    mask |= q['bar'] & (abs(x - q['cx']) < q['r']) & (below > 0.06) & (below < 0.12)
+    shape, side = _coverage(mask), _coverage(side)
+    fg, bg, bg2 = (PALETTE[p[c]][:, :, None, None] for c in ('fg', 'bg', 'bg2'))  # (b, 3, 1, 1)
+    return np.rint(shape * fg + (1 - shape) * (side * bg2 + (1 - side) * bg)).astype(np.uint8)
+
+
+def _coverage(mask):
+    """Fraction of each pixel's 2x2 subpixels inside a mask: (b, 2h, 2w) bool -> (b, 1, h, w) float32."""
+    a = mask.view(np.uint8)
+    inside = a[:, 0::2, 0::2] + a[:, 1::2, 0::2] + a[:, 0::2, 1::2] + a[:, 1::2, 1::2]  # 0..4
+    return inside[:, None] / np.float32(4)
+
+
+if __name__ == '__main__':
+    import resource
+    parser = argparse.ArgumentParser(description='Load a dataset once (fills the cache): shape, time, memory.')
+    parser.add_argument('--data', default='shapes', help="'shapes', 'lld', 'anime', or a folder/zip/hdf5/pkl")
+    parser.add_argument('--data-root', default=None, help='holds lld/ and anime/ (default: $GANLAB_DATA, data/)')
+    parser.add_argument('--image-size', type=int, default=None, help='side in pixels (default: see load_images)')
+    parser.add_argument('--cache-dir', default=None, help='for decoded images (default: see the docstring)')
+    parser.add_argument('--workers', type=int, default=None, help='decoding processes (default: all cores)')
+    args = parser.parse_args()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
+    t0 = time.perf_counter()
+    x = load_images(args.data, root=args.data_root, size=args.image_size,
+                    cache_dir=args.cache_dir, workers=args.workers)
+    t1 = time.perf_counter()
+    brightest = int(x.max())  # reads every pixel: a cache is mapped, and read only when touched
+    t2 = time.perf_counter()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f'{args.data}: {tuple(x.shape)} {x.dtype} ({x.numel() / 2**20:.0f} MiB), max {brightest}; '
+          f'{os.cpu_count()} cores: load {t1 - t0:.1f} s, then reading every pixel {t2 - t1:.1f} s; '
+          f'peak RSS {peak:.0f} MiB (after imports {before:.0f} MiB), largest child {children:.0f} MiB')

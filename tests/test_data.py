@@ -1,0 +1,415 @@
+"""Tests of data.py: every format read with the right orientation, the cache, bad inputs, shapes.
+
+Test images are random pixels: a reader that transposes (the bare np.transpose bug), mirrors or
+swaps channels gets different numbers. Each test makes its tiny files in tmp_path; the last test
+reads the real anime faces in ../shared/data when they are there.
+"""
+import io
+import os
+import pickle
+import struct
+import zipfile
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FACES = os.path.join(REPO, '..', 'shared', 'data', 'anime-faces')
+
+
+@pytest.fixture(autouse=True)
+def no_user_folders(tmp_path, monkeypatch):
+    """No test reads the user's data or writes to the user's cache."""
+    # hidden folders: load_images(tmp_path) skips them, as it skips any hidden file
+    monkeypatch.setenv('GANLAB_CACHE', str(tmp_path / '.cache'))
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / '.xdg'))
+    monkeypatch.delenv('GANLAB_DATA', raising=False)
+
+
+def logos(n, h=32, w=32, seed=0):
+    """Random uint8 images (n, h, w, 3), channels last like a PNG: asymmetric in every way."""
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def chw(x):
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def assert_images(got, want):
+    """got == want exactly, as load_images promises (uint8, contiguous, CPU); and want is a test
+    image that would catch a transposed, mirrored or channel-swapped read."""
+    assert got.dtype == torch.uint8 and got.device.type == 'cpu' and got.is_contiguous()
+    assert got.shape == want.shape
+    for wrong in (want.transpose(2, 3), want.flip(3), want.flip(2), want.flip(1)):
+        assert not torch.equal(wrong, want)
+    assert torch.equal(got, want)
+
+
+def save_pngs(folder, x, names):
+    os.makedirs(folder, exist_ok=True)
+    for im, name in zip(x, names):
+        Image.fromarray(im).save(os.path.join(folder, name))
+
+
+def load(source, **kw):
+    kw.setdefault('progress', False)
+    return data.load_images(str(source), **kw)
+
+
+class Py2Pickler(pickle._Pickler):
+    """Writes a numpy array as Python 2 did: raw bytes as a STRING opcode (so reading it back needs
+    encoding='latin1') and numpy.core module names."""
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj):
+        self.write(pickle.BINSTRING + struct.pack('<i', len(obj)) + obj)
+        self.memoize(obj)
+    dispatch[bytes] = save_bytes
+
+    def save_global(self, obj, name=None):
+        module = obj.__module__.replace('numpy._core', 'numpy.core')
+        self.write(pickle.GLOBAL + f'{module}\n{name or obj.__qualname__}\n'.encode())
+        self.memoize(obj)
+
+
+def save_py2_pickle(path, obj):
+    with open(path, 'wb') as f:
+        Py2Pickler(f, protocol=2).dump(obj)
+
+
+def save_hdf5(path, images, **extra):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with h5py.File(path, 'w') as f:
+        f['data'] = images
+        for name, value in extra.items():
+            f[name] = value
+
+
+# ---------------------------------------------------------------- formats and orientation
+
+def test_png_folder_numeric_order(tmp_path):
+    x = logos(5)
+    save_pngs(tmp_path / 'icons', x, ['10.png', '2.png', '1.png', '0.png', 'b.png'])
+    # numeric names in numeric order (0, 1, 2, 10; lexicographic would put 10 before 2), then the rest
+    assert_images(load(tmp_path / 'icons', size=32), chw(x[[3, 2, 1, 0, 4]]))
+
+
+def test_lld_png_folder_six_digit_names(tmp_path):
+    x = logos(3)
+    save_pngs(tmp_path / 'lld' / 'LLD_favicons_clean_png', x, ['080770.png', '000001.png', '000100.png'])
+    assert_images(load('lld', root=tmp_path), chw(x[[1, 2, 0]]))  # size None keeps 32
+
+
+def test_lld_hdf5_channels_first_labels_never_read(tmp_path, monkeypatch):
+    x = chw(logos(6))
+    save_hdf5(tmp_path / 'lld' / 'LLD-icon.hdf5', x.numpy(), **{'labels/resnet/rc_32': np.arange(6)})
+    save_pngs(tmp_path / 'lld' / 'LLD_favicons_full_png', logos(2, seed=1), ['0.png', '1.png'])  # hdf5 wins
+    opened = []
+    getitem = h5py.Group.__getitem__
+    monkeypatch.setattr(h5py.Group, '__getitem__', lambda group, key: opened.append(key) or getitem(group, key))
+    assert_images(load('lld', root=tmp_path), x)
+    assert opened and not any('labels' in str(name) for name in opened)
+
+
+def test_lld_pkl_python2_channels_last(tmp_path, monkeypatch):
+    x = logos(7)
+    os.makedirs(tmp_path / 'lld')
+    save_py2_pickle(tmp_path / 'lld' / 'LLD-icon_data_0.pkl', x[:4])
+    save_py2_pickle(tmp_path / 'lld' / 'LLD-icon_data_1.pkl', x[4:])
+    with open(tmp_path / 'lld' / 'LLD-icon_data_0.pkl', 'rb') as f, pytest.raises(UnicodeDecodeError):
+        pickle.load(f)  # really a Python 2 pickle: the default encoding cannot read it
+    monkeypatch.setenv('GANLAB_DATA', str(tmp_path))  # root from the environment
+    assert_images(load('lld'), chw(x))
+
+
+def test_png_zip_read_without_unpacking(tmp_path):
+    x = logos(3)
+    os.makedirs(tmp_path / 'anime')
+    with zipfile.ZipFile(tmp_path / 'anime' / 'faces.zip', 'w') as z:
+        for im, name in zip(x, ['000002', '000010', '000001']):
+            png = io.BytesIO()
+            Image.fromarray(im).save(png, format='png')
+            z.writestr(f'LLD_favicons_full_png/{name}.png', png.getvalue())
+            z.writestr(f'__MACOSX/LLD_favicons_full_png/._{name}.png', b'macOS resource fork, not an image')
+        z.writestr('readme.txt', 'not an image')
+    with pytest.warns(UserWarning, match='skipped 1 non-image'):
+        assert_images(load('anime', root=tmp_path, size=32), chw(x[[2, 0, 1]]))
+    assert_images(load(tmp_path / 'anime' / 'faces.zip', size=32), chw(x[[2, 0, 1]]))
+
+
+def test_grayscale_rgba_palette_become_rgb(tmp_path):
+    g = logos(1)[0, :, :, 0]
+    rgb = logos(1, seed=1)[0]
+    alpha = np.zeros((32, 32), np.uint8)
+    alpha[:, :10] = 255  # opaque left, half-transparent middle, transparent right
+    alpha[:, 10:20] = 128
+    palette = Image.fromarray(rgb).quantize(16)
+    clear = Image.fromarray(np.asarray(palette))  # 'L' image of palette indices ...
+    clear.putpalette(palette.getpalette())        # ... made a palette image again,
+    clear.info['transparency'] = 0                # with index 0 transparent
+    images = [Image.fromarray(g), Image.fromarray(np.dstack([g, alpha]), 'LA'),
+              Image.fromarray(np.dstack([rgb, alpha]), 'RGBA'), palette, clear]
+    for i, im in enumerate(images):
+        im.save(tmp_path / f'{i}.png', **({'transparency': 0} if i == 4 else {}))
+    got = load(tmp_path, size=32).permute(0, 2, 3, 1).numpy().astype(int)
+
+    def on_white(c, a):
+        a = a[..., None] / 255
+        return c * a + 255 * (1 - a)
+    np.testing.assert_array_equal(got[0], np.dstack([g] * 3))
+    np.testing.assert_allclose(got[1], on_white(np.dstack([g] * 3), alpha), atol=1)
+    np.testing.assert_allclose(got[2], on_white(rgb, alpha), atol=1)
+    np.testing.assert_array_equal(got[3], np.asarray(palette.convert('RGB')))
+    index = np.asarray(clear)
+    want = np.where((index == 0)[..., None], 255, np.asarray(palette.convert('RGB')))
+    np.testing.assert_array_equal(got[4], want)
+    assert (index == 0).any()
+
+
+def quadrants(w, h):
+    """A w x h image: black margins around a centre square split into red, green / blue, yellow."""
+    s = min(w, h)
+    x0, y0 = (w - s) // 2, (h - s) // 2
+    im = np.zeros((h, w, 3), np.uint8)
+    im[y0:y0 + s // 2, x0:x0 + s // 2] = (255, 0, 0)
+    im[y0:y0 + s // 2, x0 + s // 2:x0 + s] = (0, 255, 0)
+    im[y0 + s // 2:y0 + s, x0:x0 + s // 2] = (0, 0, 255)
+    im[y0 + s // 2:y0 + s, x0 + s // 2:x0 + s] = (255, 255, 0)
+    return im
+
+
+def assert_quadrants(img, tol=40):
+    """img (3, n, n): red, green / blue, yellow, judged away from the edges and the seams."""
+    n, q = img.shape[-1], img.shape[-1] // 4
+    img = img.permute(1, 2, 0).numpy().astype(int)
+    for (y, x), colour in {(q, q): (255, 0, 0), (q, 3 * q): (0, 255, 0),
+                           (3 * q, q): (0, 0, 255), (3 * q, 3 * q): (255, 255, 0)}.items():
+        assert np.abs(img[y - 1:y + 2, x - 1:x + 2] - colour).max() <= tol, (y, x, img[y, x])
+
+
+def test_any_size_centre_cropped_resized_upright(tmp_path):
+    for i, (w, h) in enumerate([(120, 80), (80, 120), (50, 50)]):
+        Image.fromarray(quadrants(w, h)).save(tmp_path / f'{i}.jpg', quality=95)
+    Image.fromarray(quadrants(90, 60)).save(tmp_path / '3.png')
+    # a photo stored turned a quarter, with the EXIF tag that says so: shown (and loaded) upright
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    stored = Image.fromarray(quadrants(70, 100)).transpose(Image.Transpose.ROTATE_90)
+    stored.save(tmp_path / '4.jpg', exif=exif)
+    x = load(tmp_path, size=24)
+    assert x.shape == (5, 3, 24, 24)
+    for img in x:
+        assert_quadrants(img)
+    assert load(tmp_path).shape == (5, 3, 64, 64)  # size None: 64
+
+
+def test_image_of_the_right_size_is_pillows_decode(tmp_path):
+    x = logos(2, 24, 24)
+    save_pngs(tmp_path, x, ['0.png', '1.png'])
+    assert_images(load(tmp_path, size=24), chw(x))
+
+
+def test_hdf5_resized_when_asked(tmp_path):
+    save_hdf5(tmp_path / 'q.hdf5', chw(quadrants(32, 32)[None]).numpy())
+    x = load(tmp_path / 'q.hdf5', size=16)
+    assert x.shape == (1, 3, 16, 16)
+    assert_quadrants(x[0])
+    assert load(tmp_path / 'q.hdf5').shape == (1, 3, 32, 32)  # size None: the file's own
+
+
+def test_parallel_decoding_equals_serial(tmp_path):
+    x = logos(40)
+    save_pngs(tmp_path / 'icons', x, [f'{i}.png' for i in range(40)])
+    assert_images(load(tmp_path / 'icons', size=32, workers=2, cache_dir=tmp_path / 'a'), chw(x))
+    assert_images(load(tmp_path / 'icons', size=32, workers=1, cache_dir=tmp_path / 'b'), chw(x))
+
+
+# ---------------------------------------------------------------- the cache
+
+def cache_files(folder):
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def test_cache_reused_invalidated_rebuilt(tmp_path, monkeypatch):
+    x = logos(3)
+    src, cache = tmp_path / 'icons', tmp_path / '.cache'
+    save_pngs(src, x, ['0.png', '1.png', '2.png'])
+    assert_images(load(src, size=32), chw(x))
+    assert len(cache_files(cache)) == 1 and cache_files(cache)[0].endswith('.npy')
+
+    def no_decoding(*args, **kw):
+        raise AssertionError('decoded again')
+    decode = data.decode_images
+    monkeypatch.setattr(data, 'decode_images', no_decoding)
+    y = load(src, size=32)
+    assert_images(y, chw(x))  # from the cache
+    y[0] = 0  # the mapped cache is copy-on-write: the file keeps its pixels
+    assert_images(load(src, size=32), chw(x))
+    with pytest.raises(AssertionError, match='decoded again'):
+        load(src, size=16)  # another size is another cache
+
+    x[1] = logos(1, seed=9)[0]  # the source changes: the cache is stale
+    save_pngs(src, x[1:2], ['1.png'])
+    with pytest.raises(AssertionError, match='decoded again'):
+        load(src, size=32)
+    monkeypatch.setattr(data, 'decode_images', decode)
+    assert_images(load(src, size=32), chw(x))
+    assert len(cache_files(cache)) == 1  # the stale one is gone, no temporary file left
+
+    path = os.path.join(cache, cache_files(cache)[0])
+    for damage in (lambda b: b[:len(b) // 2], lambda b: b'garbage', lambda b: b''):  # truncated, corrupt
+        with open(path, 'rb') as f:
+            good = f.read()
+        with open(path, 'wb') as f:
+            f.write(damage(good))
+        with pytest.warns(UserWarning, match='unusable'):
+            assert_images(load(src, size=32), chw(x))
+        assert cache_files(cache) == [os.path.basename(path)]
+
+
+def test_cache_beside_data_else_user_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv('GANLAB_CACHE')
+    x = logos(2)
+    save_pngs(tmp_path / 'rw' / 'icons', x, ['0.png', '1.png'])
+    assert_images(load(tmp_path / 'rw' / 'icons', size=32), chw(x))
+    assert len(cache_files(tmp_path / 'rw' / '.ganlab-cache')) == 1
+    save_pngs(tmp_path / 'ro' / 'icons', x, ['0.png', '1.png'])
+    os.chmod(tmp_path / 'ro', 0o555)  # read-only, like /work/shared (even for root: the bits are honoured)
+    try:
+        assert_images(load(tmp_path / 'ro' / 'icons', size=32), chw(x))
+    finally:
+        os.chmod(tmp_path / 'ro', 0o755)
+    assert not os.path.exists(tmp_path / 'ro' / '.ganlab-cache')
+    assert len(cache_files(tmp_path / '.xdg' / 'ganlab')) == 1
+
+
+# ---------------------------------------------------------------- bad inputs
+
+def test_missing_dataset_says_what_to_get_and_where(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError) as e:
+        load('lld', root=tmp_path)
+    for words in ('LLD-icon.hdf5', data.LLD_URL, str(tmp_path / 'lld')):
+        assert words in str(e.value)
+    monkeypatch.setenv('GANLAB_DATA', str(tmp_path / 'env'))
+    with pytest.raises(FileNotFoundError, match='anime faces not found') as e:
+        load('anime')
+    assert str(tmp_path / 'env' / 'anime') in str(e.value)
+    with pytest.raises(FileNotFoundError, match='no such file or folder'):
+        load(tmp_path / 'nowhere')
+
+
+def test_corrupt_images_skipped_and_counted(tmp_path):
+    x = logos(2)
+    save_pngs(tmp_path, x, ['0.png', '3.png'])
+    (tmp_path / '1.png').write_bytes(b'not a png at all')
+    jpeg = io.BytesIO()
+    Image.fromarray(logos(1, 64, 64)[0]).save(jpeg, format='jpeg')
+    (tmp_path / '2.jpg').write_bytes(jpeg.getvalue()[:len(jpeg.getvalue()) // 2])  # truncated
+    (tmp_path / 'notes.txt').write_text('hello')
+    with pytest.warns(UserWarning) as caught:
+        got = load(tmp_path, size=32)
+    messages = ' '.join(str(w.message) for w in caught)
+    assert 'skipped 2 unreadable' in messages and '1.png' in messages and '2.jpg' in messages
+    assert 'skipped 1 non-image' in messages
+    assert_images(got, chw(x))
+
+
+def test_empty_or_imageless_sources_are_errors(tmp_path):
+    os.makedirs(tmp_path / 'empty')
+    with pytest.raises(ValueError, match='no images in it'):
+        load(tmp_path / 'empty')
+    (tmp_path / 'text').mkdir()
+    (tmp_path / 'text' / 'a.txt').write_text('hello')
+    with pytest.raises(ValueError, match='no images in it'):
+        load(tmp_path / 'text')
+    (tmp_path / 'bad').mkdir()
+    (tmp_path / 'bad' / '0.png').write_bytes(b'junk')
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match='none of its 1 image'):
+        load(tmp_path / 'bad')
+    with zipfile.ZipFile(tmp_path / 'e.zip', 'w') as z:
+        z.writestr('a.txt', 'hello')
+    with pytest.raises(ValueError, match='no images'):
+        load(tmp_path / 'e.zip')
+    (tmp_path / 'b.zip').write_bytes(b'not a zip')
+    with pytest.raises(ValueError, match='b.zip'):
+        load(tmp_path / 'b.zip')
+
+
+def test_corrupt_hdf5_and_pkl_name_the_file(tmp_path):
+    (tmp_path / 'junk.hdf5').write_bytes(b'\x89HDF junk' * 100)
+    save_hdf5(tmp_path / 'cut.hdf5', chw(logos(50)).numpy())
+    whole = (tmp_path / 'cut.hdf5').read_bytes()
+    (tmp_path / 'cut.hdf5').write_bytes(whole[:len(whole) // 2])
+    (tmp_path / 'junk.pkl').write_bytes(b'not a pickle')
+    save_py2_pickle(tmp_path / 'cut.pkl', logos(5))
+    whole = (tmp_path / 'cut.pkl').read_bytes()
+    (tmp_path / 'cut.pkl').write_bytes(whole[:len(whole) // 2])
+    for name in ('junk.hdf5', 'cut.hdf5', 'junk.pkl', 'cut.pkl'):
+        with pytest.raises(ValueError, match='unreadable') as e:
+            load(tmp_path / name)
+        assert str(tmp_path / name) in str(e.value)
+
+
+def test_wrong_dtype_or_shape_names_the_file(tmp_path):
+    save_hdf5(tmp_path / 'float.hdf5', chw(logos(2)).numpy().astype(np.float32))
+    save_hdf5(tmp_path / 'hwc.hdf5', logos(2))  # channels last, but LLD's hdf5 is channels first
+    with h5py.File(tmp_path / 'nodata.hdf5', 'w') as f:
+        f['images'] = chw(logos(2)).numpy()
+    save_py2_pickle(tmp_path / 'chw.pkl', chw(logos(2)).numpy())  # channels first, but LLD's pkl is last
+    save_py2_pickle(tmp_path / 'list.pkl', [logos(1)])
+    for name, words in [('float.hdf5', 'float32'), ('hwc.hdf5', r'\(2, 32, 32, 3\)'),
+                        ('nodata.hdf5', "'data'"), ('chw.pkl', r'\(2, 3, 32, 32\)'), ('list.pkl', 'list')]:
+        with pytest.raises(ValueError, match=words) as e:
+            load(tmp_path / name)
+        assert str(tmp_path / name) in str(e.value)
+
+
+def test_pickle_cannot_run_code(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f'touch {tmp_path / "ran"}',)
+    with open(tmp_path / 'evil.pkl', 'wb') as f:
+        pickle.dump(Exploit(), f, protocol=2)
+    with pytest.raises(ValueError, match='refusing'):
+        load(tmp_path / 'evil.pkl')
+    assert not os.path.exists(tmp_path / 'ran')
+
+
+# ---------------------------------------------------------------- shapes
+
+def test_shapes_deterministic_varied():
+    a = load('shapes', n=500, seed=3)
+    assert a.shape == (500, 3, 32, 32) and a.dtype == torch.uint8 and a.is_contiguous()
+    assert torch.equal(a, load('shapes', n=500, seed=3))
+    assert not torch.equal(a, load('shapes', n=500, seed=4))
+    assert len(torch.unique(a.flatten(1), dim=0)) > 490  # nearly all different
+    assert a.float().std(0).mean() > 40  # and not small variations of one picture
+    assert len(torch.unique(a)) > 20  # anti-aliased edges, not just the palette
+
+
+def test_shapes_default_and_sizes():
+    assert load('shapes').shape == (20000, 3, 32, 32)
+    assert load('shapes', size=64, n=10).shape == (10, 3, 64, 64)
+
+
+# ---------------------------------------------------------------- the real faces
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(FACES), reason='no ../shared/data/anime-faces')
+def test_real_anime_faces(tmp_path):
+    names = [0, 1, 17, 33430]
+    for size in (96, 64):
+        x = load(FACES, size=size, cache_dir=tmp_path)
+        assert x.shape == (33431, 3, size, size) and x.dtype == torch.uint8 and x.is_contiguous()
+        for i in names:
+            with Image.open(os.path.join(FACES, f'{i}.jpg')) as im:
+                im = im.convert('RGB')
+                if size != 96:
+                    im = im.resize((size, size), Image.Resampling.LANCZOS)
+                assert_images(x[i:i + 1], chw(np.asarray(im)[None]))
+    assert len(cache_files(tmp_path)) == 2
