@@ -14,11 +14,11 @@ preference is: an .hdf5 file (LLD-icon.hdf5 first), else its .pkl files, else it
 (recursively; LLD's PNG folders LLD_favicons_full_png, then _clean_png), else its largest .zip.
 
 Images (png, jpg, ...) are decoded once, in parallel, and cached as a .npy of the final uint8
-array; later runs read that. The cache goes to `cache_dir`, else $GANLAB_CACHE, else a hidden
-.ganlab-cache/ folder beside the data, else (data folder not writable) $XDG_CACHE_HOME/ganlab or
-~/.cache/ganlab. It is keyed by the source (file names, sizes, mtimes) and the image size, so a
-changed source or size builds a new one; a truncated or corrupt one is rebuilt. HDF5 and pickle
-files are arrays already and are read directly.
+array; later runs map that file (at once; pages are read on first touch). The cache goes to
+`cache_dir`, else $GANLAB_CACHE, else a hidden .ganlab-cache/ folder beside the data, else (data
+folder not writable) $XDG_CACHE_HOME/ganlab or ~/.cache/ganlab. It is keyed by the source (file
+names, sizes, mtimes) and the image size, so a changed source or size builds a new one; a
+truncated or corrupt one is rebuilt. HDF5 and pickle files are arrays already: read directly.
 
 Only images are read: never labels or metadata (the models' only input is noise).
 """
@@ -46,8 +46,6 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 LLD_URL = 'https://data.vision.ee.ethz.ch/sagea/lld/'
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
 CACHE_VERSION = 1  # bump when decoding changes (filter, crop, colours): old caches are then rebuilt
-# what Pillow and zipfile raise for a bad image: such an image is skipped, not fatal
-BAD_IMAGE = (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, Image.DecompressionBombError)
 
 MISSING = {
     'lld': ("LLD-icon not found in {folder}/. Download LLD-icon.hdf5 (or the LLD-icon PKL files "
@@ -70,6 +68,7 @@ def load_images(name_or_path='shapes', root=None, size=None, *, n=20000, seed=0,
     n, seed: how many 'shapes' icons, and their seed.
     cache_dir: where decoded images are cached; workers: decoding processes (default: all cores);
     progress: show progress bars and what is read from where.
+    Decoded images come back as a copy-on-write map of their cache file: writes stay in this process.
     """
     name_or_path = os.fspath(name_or_path)
     if name_or_path == 'shapes':
@@ -266,7 +265,7 @@ def _decode_chunk(job):
                 f = io.BytesIO(archive.read(name)) if archive else os.path.join(base, name)
                 with Image.open(f) as im:
                     out[i] = to_chw(fit_image(im, size))
-            except BAD_IMAGE as e:
+            except Exception as e:  # Pillow and zipfile fail in many ways on a bad file: skip it, say why
                 bad.append((i, name, f'{type(e).__name__}: {e}'))
     return out, bad
 
@@ -337,9 +336,8 @@ def _cached_decode(kind, base, size, cache_dir, workers, progress):
     if progress:
         print(f'decoding {len(names):,} images once; cache: {path}', file=sys.stderr)
     x = decode_images(kind, base, names, size, workers, progress)
-    if _write_cache(path, x, prefix):
-        x = _read_cache(path, size)  # the mapped file, as a later run gets it; frees the decoded copy
-    return x
+    mapped = _read_cache(path, size) if _write_cache(path, x, prefix) else None
+    return x if mapped is None else mapped  # the mapped file, as later runs get it; frees the decoded copy
 
 
 def _zip_images(path):
