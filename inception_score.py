@@ -1,0 +1,682 @@
+"""
+Inception Score, computed the way the course's reference computes it, but fast.
+
+The reference is sbarratt/inception-score-pytorch: torchvision's Inception v3 with its
+ImageNet weights, images in [-1, 1] upsampled to 299 x 299, 10 splits. This file defines
+the same network itself (torch only, no torchvision), loads torchvision's weight file
+strictly, and feeds it from parallel decoders in large batches.
+
+Score a folder of 1.png ... N.png, the hand-in zip, or a uint8 array:
+
+    python inception_score.py samples/
+    python inception_score.py 0860912_img.zip
+    python inception_score.py fakes.npy                      # (N,H,W,3) or (N,3,H,W) uint8
+    python inception_score.py samples/ --weights inception_v3_google-0cc3c7bd.pth \\
+        --device cuda --batch-size 200 --json out/is.json
+
+It shows a progress bar on stderr and prints, as its last line,
+
+    Inception Score: 4.512 ± 0.031  (50000 images, 10 splits)
+
+Without --weights the weights are downloaded once (109 MB, SHA-256 checked) into torch.hub's
+cache, ~/.cache/torch/hub/checkpoints/inception_v3_google-0cc3c7bd.pth, the same file
+torchvision uses. With no network, download that file elsewhere and pass --weights FILE.
+
+From a training script, on samples already in memory:
+
+    from inception_score import load_inception, inception_score
+    inception = load_inception(device="cuda")                 # once
+    mean, std = inception_score(fake, model=inception)        # fake: uint8 (N,3,H,W) or float in [-1,1]
+
+What is computed (Salimans et al. 2016):
+
+    p(y|x) = softmax(Inception(resize_299(x / 127.5 - 1)))   for each image x
+    IS     = exp( mean_x KL( p(y|x) || p(y) ) ),  p(y) = mean_x p(y|x)
+
+over each of `splits` consecutive chunks of N // splits images (the reference drops the
+last N % splits images), reported as mean ± std (ddof=0) over the chunks. A perfect
+generator for k classes, equally often and each image confidently one class, scores k.
+
+Faster, opt-in and tested to stay close to the default fp32: --bf16 (autocast),
+--channels-last, --compile. On CUDA, "fp32" convolutions use TF32 as in PyTorch's defaults,
+exactly as the reference does when it runs on a GPU.
+"""
+
+import argparse
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+import sys
+import time
+import warnings
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# facts this file rests on
+
+WEIGHTS_URL = "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth"
+WEIGHTS_SHA256 = "0cc3c7bd75056d25e46cba549dc184522069b81e9787eff6df84f397bd52a5ef"
+WEIGHTS_BYTES = 108_949_747
+INPUT_SIZE = 299        # the resolution the network was trained at; every image is resized to it
+MIN_SIZE = 75           # the smallest input the network can take (its last strided conv needs 3x3)
+NUM_CLASSES = 1000
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+# -----------------------------------------------------------------------------
+# the network: torchvision's Inception3, re-written. Attribute names are the state-dict
+# keys of torchvision's weight file (Mixed_5b.branch1x1.conv.weight, ...), so it loads
+# with strict=True. Shape comments are for a 299 x 299 input.
+
+
+class BasicConv2d(nn.Module):
+    """conv (no bias) -> batch norm (eps 0.001, as ported from TensorFlow) -> relu"""
+
+    def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)), inplace=True)
+
+
+def avg_pool_3x3(x):
+    # the branch pools of A, C and E: the zero padding counts in the mean (count_include_pad=True)
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1)
+
+
+class InceptionA(nn.Module):
+    """35x35 block: 1x1 | 1x1->5x5 | 1x1->3x3->3x3 | avgpool->1x1; out 224 + pool_features"""
+
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 64, 1)
+        self.branch5x5_1 = BasicConv2d(cin, 48, 1)
+        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, 1)
+
+    def forward(self, x):
+        a = self.branch1x1(x)
+        b = self.branch5x5_2(self.branch5x5_1(x))
+        c = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        d = self.branch_pool(avg_pool_3x3(x))
+        return torch.cat([a, b, c, d], 1)
+
+
+class InceptionB(nn.Module):
+    """35 -> 17 reduction: 3x3/2 | 1x1->3x3->3x3/2 | maxpool/2; out 384 + 96 + cin"""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        a = self.branch3x3(x)
+        b = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        c = F.max_pool2d(x, kernel_size=3, stride=2)
+        return torch.cat([a, b, c], 1)
+
+
+class InceptionC(nn.Module):
+    """17x17 block with factorised 7x7 convs (1x7 then 7x1); out 4 * 192 = 768"""
+
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7_1 = BasicConv2d(cin, c7, 1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(cin, c7, 1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(cin, 192, 1)
+
+    def forward(self, x):
+        a = self.branch1x1(x)
+        b = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        c = self.branch7x7dbl_1(x)
+        c = self.branch7x7dbl_3(self.branch7x7dbl_2(c))
+        c = self.branch7x7dbl_5(self.branch7x7dbl_4(c))
+        d = self.branch_pool(avg_pool_3x3(x))
+        return torch.cat([a, b, c, d], 1)
+
+
+class InceptionD(nn.Module):
+    """17 -> 8 reduction: 1x1->3x3/2 | 1x1->1x7->7x1->3x3/2 | maxpool/2; out 320 + 192 + cin"""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        a = self.branch3x3_2(self.branch3x3_1(x))
+        b = self.branch7x7x3_1(x)
+        b = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(b)))
+        c = F.max_pool2d(x, kernel_size=3, stride=2)
+        return torch.cat([a, b, c], 1)
+
+
+class InceptionE(nn.Module):
+    """8x8 block whose 3x3s fan out into parallel 1x3 and 3x1; out 320 + 768 + 768 + 192 = 2048"""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 320, 1)
+        self.branch3x3_1 = BasicConv2d(cin, 384, 1)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(cin, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(cin, 192, 1)
+
+    def forward(self, x):
+        a = self.branch1x1(x)
+        b = self.branch3x3_1(x)
+        b = torch.cat([self.branch3x3_2a(b), self.branch3x3_2b(b)], 1)
+        c = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        c = torch.cat([self.branch3x3dbl_3a(c), self.branch3x3dbl_3b(c)], 1)
+        d = self.branch_pool(avg_pool_3x3(x))
+        return torch.cat([a, b, c, d], 1)
+
+
+class InceptionAux(nn.Module):
+    """The auxiliary classifier on Mixed_6e. It only ever ran in training; it is here so that
+    the weight file's AuxLogits.* keys have a home and the load can be strict."""
+
+    def __init__(self, cin, num_classes):
+        super().__init__()
+        self.conv0 = BasicConv2d(cin, 128, 1)
+        self.conv1 = BasicConv2d(128, 768, 5)
+        self.fc = nn.Linear(768, num_classes)
+
+    def forward(self, x):
+        x = F.avg_pool2d(x, kernel_size=5, stride=3)      # 768 x 5 x 5
+        x = self.conv1(self.conv0(x))                      # 768 x 1 x 1
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class Inception3(nn.Module):
+    """Inception v3 as torchvision builds it for its ImageNet weights (aux logits kept,
+    transform_input=False as the reference asks): float RGB in [-1, 1] -> 1000 logits."""
+
+    def __init__(self, num_classes=NUM_CLASSES):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)   # 32 x 149 x 149
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)             # 32 x 147 x 147
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)  # 64 x 147 x 147
+        self.maxpool1 = nn.MaxPool2d(kernel_size=3, stride=2)   # 64 x 73 x 73
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)             # 80 x 73 x 73
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)            # 192 x 71 x 71
+        self.maxpool2 = nn.MaxPool2d(kernel_size=3, stride=2)   # 192 x 35 x 35
+        self.Mixed_5b = InceptionA(192, pool_features=32)       # 256 x 35 x 35
+        self.Mixed_5c = InceptionA(256, pool_features=64)       # 288 x 35 x 35
+        self.Mixed_5d = InceptionA(288, pool_features=64)       # 288 x 35 x 35
+        self.Mixed_6a = InceptionB(288)                         # 768 x 17 x 17
+        self.Mixed_6b = InceptionC(768, c7=128)                 # 768 x 17 x 17
+        self.Mixed_6c = InceptionC(768, c7=160)
+        self.Mixed_6d = InceptionC(768, c7=160)
+        self.Mixed_6e = InceptionC(768, c7=192)                 # 768 x 17 x 17
+        self.AuxLogits = InceptionAux(768, num_classes)         # unused at inference
+        self.Mixed_7a = InceptionD(768)                         # 1280 x 8 x 8
+        self.Mixed_7b = InceptionE(1280)                        # 2048 x 8 x 8
+        self.Mixed_7c = InceptionE(2048)                        # 2048 x 8 x 8
+        self.avgpool = nn.AdaptiveAvgPool2d(1)                  # 2048 x 1 x 1
+        self.dropout = nn.Dropout(p=0.5)                        # identity in eval mode
+        self.fc = nn.Linear(2048, num_classes)                  # 1000
+
+    def forward(self, x):
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(self.maxpool1(x)))
+        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(self.maxpool2(x))))
+        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))))
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))
+        x = torch.flatten(self.dropout(self.avgpool(x)), 1)
+        return self.fc(x)
+
+
+# -----------------------------------------------------------------------------
+# weights: the official file from torch.hub's cache (downloaded once, hash checked), or a
+# file the user names. Either way its keys and shapes must be exactly torchvision's.
+
+
+def cached_weights_path():
+    """Where torch.hub (and torchvision) keep the file: <hub dir>/checkpoints/<file name>."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS_URL))
+
+
+def how_to_get_weights(path):
+    return (f"download {WEIGHTS_URL} ({WEIGHTS_BYTES:,} bytes, SHA-256 {WEIGHTS_SHA256}) "
+            f"on a machine with internet, then either copy it to {path} or pass it with "
+            f"--weights FILE (weights=FILE from Python)")
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def find_weights(weights=None, download=True):
+    """Path of the weight file to load: `weights` if given, else the official file in
+    torch.hub's cache, downloading it there once if it is missing."""
+    if weights is not None:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"weights file not found: {weights}")
+        return weights
+    path = cached_weights_path()
+    if os.path.exists(path):
+        # a file already in the cache is checked too (0.3 s): a foreign or damaged file there
+        # would otherwise give a wrong score without a word
+        if sha256_of(path) != WEIGHTS_SHA256:
+            raise ValueError(f"{path} fails its SHA-256 check (expected {WEIGHTS_SHA256}): it is "
+                             f"not the official Inception v3 file; delete it to download again, "
+                             f"or " + how_to_get_weights(path))
+        return path
+    if not download:
+        raise FileNotFoundError(f"no Inception v3 weights at {path}: " + how_to_get_weights(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    print(f"downloading Inception v3 weights to {path}", file=sys.stderr)
+    try:
+        # the full SHA-256 as the "prefix" makes torch check every digit; it writes to a
+        # temporary file and moves it into place only after the check passes
+        torch.hub.download_url_to_file(WEIGHTS_URL, path, hash_prefix=WEIGHTS_SHA256)
+    except RuntimeError as e:
+        if "invalid hash" not in str(e):
+            raise
+        raise ValueError(f"the downloaded weights fail their SHA-256 check ({e}); nothing was "
+                         f"saved. Try again, or " + how_to_get_weights(path)) from None
+    except OSError as e:  # no network: URLError, timeouts, refused connections
+        raise FileNotFoundError(f"no Inception v3 weights at {path} and the download failed "
+                                f"({e}): " + how_to_get_weights(path)) from None
+    return path
+
+
+def check_state_dict(model, state_dict, source):
+    """Refuse a state dict whose keys or shapes are not exactly the network's, saying which."""
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise ValueError(f"{source} does not hold a state dict (a dict of tensors): "
+                         f"it holds {type(state_dict).__name__}")
+    expected = model.state_dict()
+    # BatchNorm's num_batches_tracked counters are optional: the 2017 file predates them,
+    # they play no part in eval mode, and load_state_dict fills them in itself
+    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
+    extra = [k for k in state_dict if k not in expected]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} (expected {tuple(expected[k].shape)})"
+              for k in state_dict if k in expected and state_dict[k].shape != expected[k].shape]
+    problems = [f"{len(v)} {what}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}"
+                for what, v in (("missing keys", missing), ("unexpected keys", extra),
+                                ("wrong shapes", shapes)) if v]
+    if problems:
+        raise ValueError(f"{source} is not torchvision's Inception v3 state dict: "
+                         + "; ".join(problems))
+
+
+def load_inception(weights=None, device=None, channels_last=False, compile=False, download=True):
+    """The network with torchvision's ImageNet weights, in eval mode, on `device`.
+
+    weights: a .pth state dict in torchvision's format; None = the official file from
+    torch.hub's cache, downloaded once. channels_last / compile: opt-in speed-ups (pass the
+    same channels_last to inception_score)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    path = find_weights(weights, download=download)
+    if weights is not None and os.path.getsize(path) == WEIGHTS_BYTES and sha256_of(path) != WEIGHTS_SHA256:
+        warnings.warn(f"{path} is not the official weight file (its SHA-256 differs): scores "
+                      f"will not be comparable with the reference's")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a PyTorch weight file ({type(e).__name__}: {e})") from None
+    # built on the meta device (no memory, no random init: the file supplies every tensor)
+    with torch.device("meta"):
+        model = Inception3()
+    check_state_dict(model, state_dict, path)
+    # the counters the 2017 file lacks: zeros, as load_state_dict itself would fill in
+    for key in model.state_dict():
+        if key.endswith("num_batches_tracked"):
+            state_dict.setdefault(key, torch.tensor(0))
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    model = model.eval().requires_grad_(False).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model = torch.compile(model)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# the score itself, from the predictions p(y|x). Plain float64 numpy, written to give what
+# the reference's loop of scipy.stats.entropy(pyx, py) calls gives.
+
+
+def score_from_probs(probs, splits=10):
+    """probs: (N, C) rows p(y|x). Returns (mean, std, per-split scores) as the reference does:
+    `splits` consecutive parts of N // splits rows each (the last N % splits rows unused)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    n = len(probs)
+    if splits < 1 or n < splits:
+        raise ValueError(f"need at least as many images as splits: {n} images, {splits} splits")
+    size = n // splits
+    scores = []
+    for k in range(splits):
+        part = probs[k * size:(k + 1) * size]
+        # scipy.stats.entropy(pk, qk) first scales pk and qk to sum to 1; so do we
+        pyx = part / part.sum(axis=1, keepdims=True)
+        # p(y) = mean over the part's images of p(y|x)
+        py = part.mean(axis=0)
+        py = py / py.sum()
+        # KL(p(y|x) || p(y)) = sum_y p(y|x) log(p(y|x) / p(y)),  with 0 log 0 = 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(pyx > 0, pyx * np.log(pyx / py), 0.0)
+        kl = terms.sum(axis=1)
+        # IS of the part = exp(mean over its images of the KL)
+        scores.append(float(np.exp(kl.mean())))
+    # mean and population std (ddof=0, numpy's default) over the parts
+    return float(np.mean(scores)), float(np.std(scores)), scores
+
+
+# -----------------------------------------------------------------------------
+# reading images: a folder, the hand-in zip, or a .npy/.npz array, in numeric file order,
+# decoded by DataLoader worker processes a whole batch at a time
+
+
+def natural_key(name):
+    # "10.png" after "9.png": digit runs compare as numbers. re.split with a group puts text
+    # at even and digits at odd places, so two keys never compare a number with a string.
+    parts = re.split(r"(\d+)", os.path.basename(name).lower())
+    return [int(p) if i % 2 else p for i, p in enumerate(parts)], name
+
+
+def is_image_name(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+class BadImage(Exception):
+    """A file that looks like an image by its name but cannot be decoded."""
+
+
+class ImageChunks(torch.utils.data.Dataset):
+    """Item i = images [i*chunk, (i+1)*chunk) as uint8 (n,H,W,3) tensors, one per run of equal
+    sizes (one tensor when all images are the same size). Sources: a list of files, a list of
+    zip members, or an array."""
+
+    def __init__(self, source, names=None, array=None, chunk=200):
+        self.source, self.names, self.array, self.chunk = source, names, array, chunk
+        self.zip, self.zip_pid = None, None
+
+    def __len__(self):
+        return -(-self.count() // self.chunk)   # ceil(count / chunk)
+
+    def count(self):
+        return len(self.array) if self.array is not None else len(self.names)
+
+    def decode(self, name):
+        try:
+            if os.path.isdir(self.source):
+                f = os.path.join(self.source, name)
+            else:
+                # each process opens the zip itself: a handle shared across fork shares its
+                # file offset, and concurrent reads through it would interleave
+                if self.zip_pid != os.getpid():
+                    self.zip, self.zip_pid = zipfile.ZipFile(self.source), os.getpid()
+                f = io.BytesIO(self.zip.read(name))
+            with Image.open(f) as im:
+                # grayscale, palette and RGBA become RGB as PIL converts them (alpha dropped),
+                # as torchvision's image loaders do
+                return np.asarray(im.convert("RGB"))
+        except Exception as e:
+            return BadImage(f"cannot decode image {os.path.join(self.source, name)} "
+                            f"({type(e).__name__}: {e})")
+
+    def __getitem__(self, i):
+        lo, hi = i * self.chunk, min((i + 1) * self.chunk, self.count())
+        if self.array is not None:
+            # a copy: the array may be a read-only memory map
+            return [torch.from_numpy(np.array(self.array[lo:hi], order="C"))]
+        images = [self.decode(name) for name in self.names[lo:hi]]
+        for im in images:
+            if isinstance(im, BadImage):
+                return im  # raised in the main process, with a message that names the file
+        return [torch.from_numpy(np.stack(list(run)))
+                for _, run in itertools.groupby(images, key=lambda im: im.shape)]
+
+
+def open_images(path, chunk=200):
+    """An ImageChunks over `path` and the list of entries skipped as not images."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    if os.path.isdir(path):
+        names, skipped, folders = [], [], []
+        for entry in os.scandir(path):
+            if entry.is_file() and is_image_name(entry.name) and not entry.name.startswith("."):
+                names.append(entry.name)
+            else:
+                (folders if entry.is_dir() else skipped).append(entry.name)
+        if not names:
+            hint = (f"; it holds {len(folders)} folder(s): {', '.join(sorted(folders)[:3])} "
+                    f"(point at the folder that holds 1.png ... N.png)") if folders else ""
+            raise ValueError(f"no images (.png, .jpg, .jpeg) in {path}" + hint)
+        skipped += [f + "/" for f in folders]
+        return ImageChunks(path, names=sorted(names, key=natural_key), chunk=chunk), sorted(skipped)
+    lower = path.lower()
+    if lower.endswith(".zip"):
+        with zipfile.ZipFile(path) as zf:
+            members = [m.filename for m in zf.infolist() if not m.is_dir()]
+        names, skipped = [], []
+        for m in members:
+            hidden = m.startswith("__MACOSX/") or os.path.basename(m).startswith(".")
+            (names if is_image_name(m) and not hidden else skipped).append(m)
+        folders = sorted({os.path.dirname(m) for m in names})
+        if not names:
+            raise ValueError(f"no images (.png, .jpg, .jpeg) in {path}")
+        if len(folders) > 1:
+            raise ValueError(f"{path} holds images in {len(folders)} folders "
+                             f"({', '.join(f or '.' for f in folders[:3])} ...): the hand-in is "
+                             f"one folder holding 1.png ... N.png")
+        return ImageChunks(path, names=sorted(names, key=natural_key), chunk=chunk), sorted(skipped)
+    if lower.endswith((".npy", ".npz")):
+        return ImageChunks(path, array=load_array(path), chunk=chunk), []
+    raise ValueError(f"{path}: expected a folder of images, a .zip, or a .npy/.npz array")
+
+
+def load_array(path):
+    """A uint8 (N,H,W,3) array from .npy/.npz, which may hold (N,H,W,3) or (N,3,H,W)."""
+    if path.lower().endswith(".npz"):
+        with np.load(path) as npz:
+            if len(npz.files) != 1:
+                raise ValueError(f"{path} holds {len(npz.files)} arrays ({', '.join(npz.files)}): "
+                                 f"expected exactly one")
+            array = npz[npz.files[0]]
+    else:
+        # memory-mapped: 50,000 images are read a batch at a time, not all at once
+        array = np.load(path, mmap_mode="r")
+    if array.dtype != np.uint8 or array.ndim != 4 or 3 not in (array.shape[1], array.shape[3]):
+        raise ValueError(f"{path} holds a {array.dtype} array of shape {array.shape}: expected "
+                         f"uint8 images (N,H,W,3) or (N,3,H,W)")
+    # channels last unless only the second axis can be the channels
+    return array if array.shape[3] == 3 else array.transpose(0, 2, 3, 1)
+
+
+# -----------------------------------------------------------------------------
+# running the network
+
+
+def to_inception_input(x, channels_last=False):
+    """uint8 (B,3,H,W) or float (B,3,H,W) in [-1, 1] -> float32 (B,3,299,299) in [-1, 1]."""
+    # pixel p in 0..255 -> p / 127.5 - 1 in [-1, 1], what the reference's transforms give
+    x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+    # bilinear, align_corners=False: the reference's nn.Upsample(size=(299, 299), mode='bilinear')
+    x = F.interpolate(x.contiguous(), size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def predict(model, batches, n, device, bf16=False, channels_last=False, pad_to=None, progress=False):
+    """p(y|x) for n images given as batches of (B,3,H,W) tensors -> float64 (n, 1000) on the CPU.
+
+    The batches can come from a DataLoader's workers: while the network runs on one, the
+    next ones are being decoded. Predictions stay on the device until the end so that a GPU
+    never waits for the host. pad_to: pad short batches to this size (torch.compile then
+    compiles one shape only)."""
+    device = torch.device(device)
+    probs = torch.empty(n, NUM_CLASSES, dtype=torch.float64, device=device)
+    i = 0
+    with torch.inference_mode(), tqdm(total=n, unit="img", disable=not progress, file=sys.stderr,
+                                      desc="Inception") as bar:
+        for x in batches:
+            b = len(x)
+            if i + b > n:
+                raise ValueError(f"more images than the {n} announced")
+            x = to_inception_input(x.to(device, non_blocking=True), channels_last)
+            if pad_to and b < pad_to:
+                x = torch.cat([x, x.new_zeros((pad_to - b, *x.shape[1:]))])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(x)[:b]
+            # softmax in float32 as the reference's F.softmax, kept in float64 from here on
+            probs[i:i + b] = F.softmax(logits.float(), dim=1)
+            i += b
+            bar.update(b)
+    if i != n:
+        raise ValueError(f"got {i} images, expected {n}")
+    return probs.cpu()
+
+
+def batches_from(chunks, workers, pin_memory):
+    """Decoded batches in file order: DataLoader workers each decode whole chunks; no
+    per-image work happens in this process."""
+    loader = torch.utils.data.DataLoader(chunks, batch_size=None, shuffle=False,
+                                         num_workers=workers, pin_memory=pin_memory)
+    for item in loader:
+        if isinstance(item, BadImage):
+            raise item
+        for images in item:                     # uint8 (n,H,W,3), one per size in the chunk
+            yield images.permute(0, 3, 1, 2)     # -> (n,3,H,W), a view
+
+
+def inception_score(images, model=None, weights=None, batch_size=200, splits=10, device=None,
+                    bf16=False, channels_last=False, return_probs=False):
+    """IS of images already in memory, e.g. a few thousand samples during training.
+
+    images: uint8 (N,3,H,W) in 0..255, or float (N,3,H,W) in [-1, 1] (a generator's tanh
+    output), on any device. model: from load_inception(), else loaded from `weights` here.
+    Returns (mean, std) over `splits` parts (and the (N,1000) float64 p(y|x) if asked)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images (N,3,H,W), got shape {tuple(images.shape)}")
+    if images.is_floating_point():
+        lo, hi = images.min().item(), images.max().item()
+        if lo < -1.001 or hi > 1.001:
+            raise ValueError(f"float images must be in [-1, 1], these span [{lo:.3g}, {hi:.3g}]")
+        if lo >= 0:
+            warnings.warn("float images are all >= 0: are they in [0, 1]? IS expects [-1, 1]")
+    elif images.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 or float images, got {images.dtype}")
+    if model is None:
+        model = load_inception(weights, device=device, channels_last=channels_last)
+    if device is None:
+        device = next(model.parameters()).device
+    batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+    probs = predict(model, batches, len(images), device, bf16=bf16, channels_last=channels_last)
+    mean, std, _ = score_from_probs(probs.numpy(), splits)
+    return (mean, std, probs) if return_probs else (mean, std)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Inception Score of a folder, zip or array of images, "
+                                "computed as sbarratt/inception-score-pytorch does.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("images", help="folder of images (1.png ... N.png), a .zip of one such "
+                   "folder, or a .npy/.npz uint8 array (N,H,W,3) or (N,3,H,W)")
+    p.add_argument("--weights", default=None, help="torchvision's inception_v3_google-0cc3c7bd.pth; "
+                   "default: torch.hub's cache, downloaded once")
+    p.add_argument("--splits", type=int, default=10, help="consecutive parts to score separately")
+    p.add_argument("--batch-size", type=int, default=200, help="images per forward pass")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N images")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="decoding processes (0: decode in this process)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast: faster on GPUs, "
+                   "not bit-exact (compare with fp32 once before relying on it)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory layout")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network "
+                   "(slow to start, pays off for 50,000 images on a GPU)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    try:
+        chunks, skipped = open_images(args.images, chunk=args.batch_size)
+        n = chunks.count()
+        if args.limit is not None:
+            n = min(n, args.limit)
+            if chunks.array is not None:
+                chunks.array = chunks.array[:n]
+            else:
+                chunks.names = chunks.names[:n]
+        if n < args.splits:
+            raise ValueError(f"{args.images}: {n} images, fewer than the {args.splits} splits")
+        if skipped:
+            print(f"skipped {len(skipped)} entries that are not images: "
+                  f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", file=sys.stderr)
+        device = torch.device(args.device)
+        model = load_inception(args.weights, device, channels_last=args.channels_last,
+                               compile=args.compile)
+        workers = 0 if chunks.array is not None else args.workers
+        batches = batches_from(chunks, workers, pin_memory=device.type == "cuda")
+        probs = predict(model, batches, n, device, bf16=args.bf16, channels_last=args.channels_last,
+                        pad_to=args.batch_size if args.compile else None, progress=not args.quiet)
+        mean, std, split_scores = score_from_probs(probs.numpy(), args.splits)
+    except (FileNotFoundError, ValueError, BadImage) as e:
+        sys.exit(f"inception_score.py: error: {e}")
+    seconds = time.time() - t0
+    result = dict(inception_score=mean, std=std, split_scores=split_scores, images=n,
+                  splits=args.splits, images_per_split=n // args.splits, skipped=skipped,
+                  source=args.images, weights=args.weights or cached_weights_path(),
+                  device=str(device), bf16=args.bf16, channels_last=args.channels_last,
+                  compile=args.compile, seconds=round(seconds, 3))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    print(f"{n} images in {seconds:.1f} s ({n / seconds:.0f} img/s) on {device}", file=sys.stderr)
+    unused = n % args.splits
+    note = f"; the last {unused} unused, as in the reference" if unused else ""
+    print(f"Inception Score: {mean:.3f} ± {std:.3f}  ({n} images, {args.splits} splits{note})")
+    return result
+
+
+if __name__ == "__main__":
+    main()
