@@ -196,11 +196,11 @@ def write_samples(images, n, folder, force=False, zip_name=None, zip_dir=None):
                 raise RuntimeError(f"the image source ran out after {written} of {n} images")
             batch = batch if batch.dtype == torch.uint8 else to_uint8(batch)
             for image in batch[: n - written].cpu():
-                written += 1
                 data = png_bytes(image)
-                _write_bytes(os.path.join(folder, f"{written}.png"), data)
+                _write_bytes(os.path.join(folder, f"{written + 1}.png"), data)
                 if archive is not None:
-                    archive.writestr(f"{zip_name}/{written}.png", data)
+                    archive.writestr(f"{zip_name}/{written + 1}.png", data)
+                written += 1
         if archive is not None:
             archive.close()
             archive = None
