@@ -500,8 +500,11 @@ if __name__ == '__main__':
     args = parser.parse_args()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
     t0 = time.perf_counter()
-    x = load_images(args.data, root=args.data_root, size=args.image_size,
-                    cache_dir=args.cache_dir, workers=args.workers)
+    try:
+        x = load_images(args.data, root=args.data_root, size=args.image_size,
+                        cache_dir=args.cache_dir, workers=args.workers)
+    except (FileNotFoundError, ValueError) as error:  # missing, empty or unreadable data
+        parser.error(str(error))
     t1 = time.perf_counter()
     brightest = int(x.max())  # reads every pixel: a cache is mapped, and read only when touched
     t2 = time.perf_counter()

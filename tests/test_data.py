@@ -227,6 +227,10 @@ def test_parallel_decoding_equals_serial(tmp_path):
     save_pngs(tmp_path / 'icons', x, [f'{i}.png' for i in range(40)])
     assert_images(load(tmp_path / 'icons', size=32, workers=2, cache_dir=tmp_path / 'a'), chw(x))
     assert_images(load(tmp_path / 'icons', size=32, workers=1, cache_dir=tmp_path / 'b'), chw(x))
+    with zipfile.ZipFile(tmp_path / 'icons.zip', 'w') as z:  # each worker opens the zip itself
+        for i in range(40):
+            z.write(tmp_path / 'icons' / f'{i}.png', f'{i}.png')
+    assert_images(load(tmp_path / 'icons.zip', size=32, workers=2), chw(x))
 
 
 # ---------------------------------------------------------------- the cache
@@ -255,6 +259,8 @@ def test_cache_reused_invalidated_rebuilt(tmp_path, monkeypatch):
 
     x[1] = logos(1, seed=9)[0]  # the source changes: the cache is stale
     save_pngs(src, x[1:2], ['1.png'])
+    st = os.stat(src / '1.png')  # a later edit, even where the file system keeps whole seconds only
+    os.utime(src / '1.png', ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
     with pytest.raises(AssertionError, match='decoded again'):
         load(src, size=32)
     monkeypatch.setattr(data, 'decode_images', decode)
