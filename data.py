@@ -78,11 +78,10 @@ def load_images(name_or_path='shapes', root=None, size=None, *, n=20000, seed=0,
         print(f'{name_or_path}: reading {", ".join(paths)}', file=sys.stderr)
     if kind in ('folder', 'zip'):
         size = size or (32 if name_or_path == 'lld' else 64)
-        return torch.from_numpy(_cached_decode(kind, paths[0], size, cache_dir, workers, progress))
+        return torch.from_numpy(_decoded_images(kind, paths[0], size, cache_dir, workers, progress))
     x = read_hdf5(paths[0], progress) if kind == 'hdf5' else read_pkls(paths, progress)
-    if size and x.shape[2:] != (size, size):  # arrays are not cached: resizing them is quick
-        x = np.stack([to_chw(fit_image(Image.fromarray(im.transpose(1, 2, 0)), size))
-                      for im in tqdm(x, desc='resize', unit='img', disable=not progress)])
+    if size and x.shape[2:] != (size, size):  # resized once, then cached like decoded images
+        x = _cached(paths[0], _stamp(paths), size, cache_dir, progress, lambda: _resize_bank(x, size, progress))
     return torch.from_numpy(x)
 
 
@@ -307,37 +306,55 @@ def decode_images(kind, base, names, size, workers=None, progress=True):
     return out
 
 
-def _cached_decode(kind, base, size, cache_dir, workers, progress):
-    """A folder's or zip's images at `size`: from the cache if it matches the source, else decoded, cached."""
+def _decoded_images(kind, base, size, cache_dir, workers, progress):
+    """A folder's or zip's images at `size`: from the cache if it matches the source, else decoded."""
     if kind == 'folder':
         names, others = _list_images(_walk(base))
-        stats = (os.stat(os.path.join(base, p)) for p in names)
-        stamp = '\n'.join(f'{p} {st.st_size} {st.st_mtime_ns}' for p, st in zip(names, stats))
+        stamp = _stamp(os.path.join(base, p) for p in names)
     else:
-        st = os.stat(base)
-        stamp = f'{st.st_size} {st.st_mtime_ns}'  # a zip changes as a whole: its size and mtime say so
-    key = hashlib.sha1(f'{CACHE_VERSION}\n{kind}\n{size}\n{stamp}'.encode()).hexdigest()[:16]
+        stamp = _stamp([base])  # a zip changes as a whole: its size and mtime say so
+
+    def decode():
+        found, skipped = (names, others) if kind == 'folder' else _zip_images(base)
+        if not found:
+            raise ValueError(f'{base}: no images in it ({skipped} other file(s))')
+        if skipped:
+            warnings.warn(f'skipped {skipped} non-image file(s) in {base}')
+        return decode_images(kind, base, found, size, workers, progress)
+    return _cached(base, stamp, size, cache_dir, progress, decode)
+
+
+def _resize_bank(x, size, progress):
+    """Arrays (N, 3, h, w) -> (N, 3, size, size), with the same centre crop and filter as images."""
+    out = np.empty((len(x), 3, size, size), np.uint8)
+    for i in tqdm(range(len(x)), desc='resize', unit='img', disable=not progress):
+        out[i] = to_chw(fit_image(Image.fromarray(x[i].transpose(1, 2, 0)), size))
+    return out
+
+
+def _stamp(paths):
+    """What says cheaply whether files changed: their names, sizes and modification times."""
+    return '\n'.join(f'{p} {st.st_size} {st.st_mtime_ns}' for p in paths for st in [os.stat(p)])
+
+
+def _cached(base, stamp, size, cache_dir, progress, build):
+    """build() -> uint8 (N, 3, size, size), run once: later calls map the cached result for as long as
+    the source `base` and its `stamp` stay the same."""
+    key = hashlib.sha1(f'{CACHE_VERSION}\n{size}\n{stamp}'.encode()).hexdigest()[:16]
     base = os.path.abspath(base)
     where = hashlib.sha1(base.encode()).hexdigest()[:8]  # two folders may share a name
     prefix = f'{os.path.basename(base)}-{where}-{size}px-'
-    folder = _cache_folder(base, cache_dir)
-    path = os.path.join(folder, prefix + key + '.npy')
+    path = os.path.join(_cache_folder(base, cache_dir), prefix + key + '.npy')
     x = _read_cache(path, size)
     if x is not None:
         if progress:
             print(f'cache: {path}', file=sys.stderr)
         return x
-    if kind == 'zip':
-        names, others = _zip_images(base)
-    if not names:
-        raise ValueError(f'{base}: no images in it ({others} other file(s))')
-    if others:
-        warnings.warn(f'skipped {others} non-image file(s) in {base}')
     if progress:
-        print(f'decoding {len(names):,} images once; cache: {path}', file=sys.stderr)
-    x = decode_images(kind, base, names, size, workers, progress)
+        print(f'building it once; cache: {path}', file=sys.stderr)
+    x = build()
     mapped = _read_cache(path, size) if _write_cache(path, x, prefix) else None
-    return x if mapped is None else mapped  # the mapped file, as later runs get it; frees the decoded copy
+    return x if mapped is None else mapped  # the mapped file, as later runs get it; frees the built copy
 
 
 def _zip_images(path):

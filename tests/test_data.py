@@ -214,11 +214,13 @@ def test_image_of_the_right_size_is_pillows_decode(tmp_path):
     assert_images(load(tmp_path, size=24), chw(x))
 
 
-def test_hdf5_resized_when_asked(tmp_path):
+def test_hdf5_resized_when_asked_and_cached(tmp_path, monkeypatch):
     save_hdf5(tmp_path / 'q.hdf5', chw(quadrants(32, 32)[None]).numpy())
     x = load(tmp_path / 'q.hdf5', size=16)
     assert x.shape == (1, 3, 16, 16)
     assert_quadrants(x[0])
+    monkeypatch.setattr(data, '_resize_bank', None)  # resized once: the second time comes from the cache
+    assert torch.equal(load(tmp_path / 'q.hdf5', size=16), x)
     assert load(tmp_path / 'q.hdf5').shape == (1, 3, 32, 32)  # size None: the file's own
 
 
