@@ -96,7 +96,7 @@ def find_source(name_or_path, root=None):
         if found is None:
             raise FileNotFoundError(MISSING[name_or_path].format(folder=folder))
         return found
-    path = name_or_path
+    path = os.path.abspath(name_or_path)  # one name per folder: the cache key is made of paths
     if os.path.isdir(path):
         found = _source_in_folder(path)
         if found is None:
