@@ -46,6 +46,23 @@ def few_shapes(monkeypatch):
     monkeypatch.setattr(vae.data, "load_images", load_images)
 
 
+@pytest.fixture
+def quick_figures(monkeypatch):
+    """For tests about something else: the per-epoch plots are built but not rendered (rendering
+    is most of a tiny run's time); a 1x1 PNG stands in. test_tiny_run_writes_every_output and the
+    sweep's comparison figure render for real."""
+    import matplotlib.figure
+
+    real = matplotlib.figure.Figure.savefig
+
+    def savefig(self, fname, *args, **kwargs):
+        if str(fname).endswith("sweep.png"):
+            return real(self, fname, *args, **kwargs)
+        Image.new("RGB", (1, 1)).save(fname, format="PNG")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+
+
 def run(tmp_path, *extra, name="run"):
     return vae.main(TINY + ["--out", str(tmp_path / name)] + [str(e) for e in extra])
 
@@ -196,15 +213,20 @@ def test_tiny_run_writes_every_output(tmp_path, capsys):
     assert result["neg_elbo"] == pytest.approx(float(rows[-1]["heldout_neg_elbo"]), rel=1e-4)
 
 
+@pytest.mark.usefixtures("quick_figures")
 def test_checkpoint_holds_the_run(tmp_path):
     run(tmp_path, "--epochs", 1, "--lr", "0.002")
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert {"model", "optimizer", "step", "epoch", "args", "rng", "history", "curves"} <= set(state)
     assert not any(k.startswith("_orig_mod.") for k in state["model"])
     assert state["epoch"] == 1 and state["step"] == 5 and state["args"]["latent"] == 8
+    assert state["model"]["encoder.conv.0.weight"].shape[0] == 8  # --width: the first layer's channels
+    assert state["model"]["encoder.head.weight"].shape[0] == 2 * 8  # --latent: mu and logvar
+    assert state["model"]["decoder.head.0.weight"].shape[1] == 8
     assert state["optimizer"]["param_groups"][0]["lr"] == 0.002  # --lr reaches the optimizer
 
 
+@pytest.mark.usefixtures("quick_figures")
 def test_resume_continues_exactly(tmp_path):
     run(tmp_path, "--epochs", 2, name="straight")
     run(tmp_path, "--epochs", 1, name="split")
@@ -214,6 +236,7 @@ def test_resume_continues_exactly(tmp_path):
     assert read_csv(tmp_path / "straight" / "elbo.csv") == read_csv(tmp_path / "split" / "elbo.csv")
 
 
+@pytest.mark.usefixtures("quick_figures")
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path, monkeypatch):
     run(tmp_path, "--epochs", 2, name="straight")
     calls = []
@@ -235,6 +258,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path, monkeyp
     assert same_weights(weights(tmp_path / "straight" / "checkpoint.pt"), weights(tmp_path / "split" / "checkpoint.pt"))
 
 
+@pytest.mark.usefixtures("quick_figures")
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     calls = []
     real = vae.warp_batch
@@ -255,6 +279,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.usefixtures("quick_figures")
 def test_resume_refuses_other_shapes_and_old_checkpoints_are_not_overwritten(tmp_path, capsys):
     run(tmp_path, "--epochs", 1)
     ckpt = str(tmp_path / "run" / "checkpoint.pt")
@@ -275,6 +300,7 @@ def test_resume_refuses_other_shapes_and_old_checkpoints_are_not_overwritten(tmp
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("quick_figures")
 def test_sample_from_a_checkpoint(tmp_path, capsys):
     run(tmp_path, "--epochs", 1)
     ckpt = str(tmp_path / "run" / "checkpoint.pt")
@@ -305,6 +331,7 @@ def test_sample_from_a_checkpoint(tmp_path, capsys):
 # the flags
 
 
+@pytest.mark.usefixtures("quick_figures")
 def test_augment_flag(tmp_path, capsys):
     assert vae.parse_augment("none") == {"flip": 0.0}
     assert vae.parse_augment("flip,translate=0.1,scale,rotate=5") == {
@@ -318,6 +345,7 @@ def test_augment_flag(tmp_path, capsys):
     assert np.isfinite(results).all() and results[0] != results[1]
 
 
+@pytest.mark.usefixtures("quick_figures")
 def test_seed_and_device_flags(tmp_path):
     a = run(tmp_path, "--epochs", 1, "--device", "cpu", name="a")
     b = run(tmp_path, "--epochs", 1, "--device", "cpu", name="b")
@@ -325,6 +353,7 @@ def test_seed_and_device_flags(tmp_path):
     assert a["neg_elbo"] == b["neg_elbo"] != c["neg_elbo"]
 
 
+@pytest.mark.usefixtures("quick_figures")
 def test_data_folder_and_data_root(tmp_path, capsys):
     # a folder of images (any size: centre square, resized once when loaded) and a named set under --data-root
     folder = tmp_path / "root" / "anime"
@@ -344,12 +373,25 @@ def test_data_folder_and_data_root(tmp_path, capsys):
         vae.main(common + ["--data", "anime", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")])
 
 
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit:
+        vae.main(["--help"])
+    assert exit.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ["--data", "--data-root", "--image-size", "--max-images", "--holdout", "--augment", "--latent",
+                 "--width", "--epochs", "--batch-size", "--lr", "--seed", "--device", "--compile", "--log-every",
+                 "--out", "--resume", "--sample", "--zip", "--force", "--sweep", "--sweep-latents", "--sweep-batch-sizes"]:
+        assert flag + " " in text
+
+
+@pytest.mark.usefixtures("quick_figures")
 def test_default_out_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     vae.main(TINY + ["--epochs", "1"])
     assert (tmp_path / "out" / "vae-shapes" / "elbo.csv").is_file()
 
 
+@pytest.mark.usefixtures("quick_figures")
 def test_compile_flag(tmp_path):
     pytest.importorskip("torch._inductor")
     result = run(tmp_path, "--epochs", 1, "--compile", "--max-images", "40", "--batch-size", "36")
@@ -363,6 +405,7 @@ def test_cuda_bf16_autocast(tmp_path):
     assert np.isfinite(result["neg_elbo"])
 
 
+@pytest.mark.usefixtures("quick_figures")
 def test_sweep_compares_latent_and_batch_sizes(tmp_path):
     args = ["--epochs", "1", "--sweep", "--sweep-latents", "4,8", "--sweep-batch-sizes", "8,16"]
     rows = run(tmp_path, *args)
@@ -371,7 +414,8 @@ def test_sweep_compares_latent_and_batch_sizes(tmp_path):
     folder = tmp_path / "run" / "sweep"
     table = read_csv(folder / "sweep.csv")
     assert [(int(r["latent"]), int(r["batch_size"]), int(r["steps"])) for r in table] == [(4, 16, 5), (8, 16, 5), (8, 8, 10)]
-    assert (folder / "sweep.png").is_file() and (folder / "sweep.md").read_text().count("\n") == 5
+    assert Image.open(folder / "sweep.png").size[0] > 500
+    assert (folder / "sweep.md").read_text().count("\n") == 5
     for r in rows:
         assert (folder / f"latent{r['latent']}-batch{r['batch_size']}" / "samples.png").is_file()
     # run again: the finished variants are measured, not retrained
