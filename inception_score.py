@@ -320,9 +320,13 @@ def find_weights(weights=None, download=True):
 
 def check_state_dict(model, state_dict, source):
     """Refuse a state dict whose keys or shapes are not exactly the network's, saying which."""
-    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
-        raise ValueError(f"{source} does not hold a state dict (a dict of tensors): "
-                         f"it holds {type(state_dict).__name__}")
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{source} does not hold a state dict (a dict of tensors) but a "
+                         f"{type(state_dict).__name__}")
+    if not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise ValueError(f"{source} does not hold a state dict: not all its values are tensors "
+                         f"(keys: {', '.join(list(state_dict)[:5])}); a training checkpoint? "
+                         f"save its model's state_dict() alone")
     expected = model.state_dict()
     # BatchNorm's num_batches_tracked counters are optional: the 2017 file predates them,
     # they play no part in eval mode, and load_state_dict fills them in itself
@@ -346,9 +350,11 @@ def load_inception(weights=None, device=None, channels_last=False, compile=False
     same channels_last to inception_score)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path = find_weights(weights, download=download)
-    if weights is not None and os.path.getsize(path) == WEIGHTS_BYTES and sha256_of(path) != WEIGHTS_SHA256:
-        warnings.warn(f"{path} is not the official weight file (its SHA-256 differs): scores "
-                      f"will not be comparable with the reference's")
+    # a file of the user's own may be any copy of the weights: say so when it is not the
+    # official one (the size tells at once; an equal size costs a 0.3 s hash)
+    if weights is not None and (os.path.getsize(path) != WEIGHTS_BYTES or sha256_of(path) != WEIGHTS_SHA256):
+        warnings.warn(f"{path} is not the official weight file {os.path.basename(WEIGHTS_URL)}: "
+                      f"scores are comparable with the reference's only if it holds the same numbers")
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -428,7 +434,12 @@ class ImageChunks(torch.utils.data.Dataset):
 
     def __init__(self, source, names=None, array=None, chunk=200):
         self.source, self.names, self.array, self.chunk = source, names, array, chunk
+        self.in_zip = names is not None and not os.path.isdir(source)
         self.zip, self.zip_pid = None, None
+
+    def __getstate__(self):
+        # workers started by spawn get a pickled copy: without the open zip, they open their own
+        return {**self.__dict__, "zip": None, "zip_pid": None}
 
     def __len__(self):
         return -(-self.count() // self.chunk)   # ceil(count / chunk)
@@ -438,7 +449,7 @@ class ImageChunks(torch.utils.data.Dataset):
 
     def decode(self, name):
         try:
-            if os.path.isdir(self.source):
+            if not self.in_zip:
                 f = os.path.join(self.source, name)
             else:
                 # each process opens the zip itself: a handle shared across fork shares its
@@ -486,8 +497,11 @@ def open_images(path, chunk=200):
         return ImageChunks(path, names=sorted(names, key=natural_key), chunk=chunk), sorted(skipped)
     lower = path.lower()
     if lower.endswith(".zip"):
-        with zipfile.ZipFile(path) as zf:
-            members = [m.filename for m in zf.infolist() if not m.is_dir()]
+        try:
+            with zipfile.ZipFile(path) as zf:
+                members = [m.filename for m in zf.infolist() if not m.is_dir()]
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{path} is not a readable zip ({e})") from None
         names, skipped = [], []
         for m in members:
             hidden = m.startswith("__MACOSX/") or os.path.basename(m).startswith(".")
@@ -536,6 +550,12 @@ def to_inception_input(x, channels_last=False):
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def default_batch_size(device):
+    # a 299 x 299 image needs ~15 MB of activations at the widest layers: 200 is 3 GB, easy
+    # for a GPU; on a CPU, beyond a few dozen a batch is no faster, only bigger
+    return 200 if torch.device(device).type == "cuda" else 50
+
+
 def predict(model, batches, n, device, bf16=False, channels_last=False, pad_to=None, progress=False):
     """p(y|x) for n images given as batches of (B,3,H,W) tensors -> float64 (n, 1000) on the CPU.
 
@@ -578,7 +598,7 @@ def batches_from(chunks, workers, pin_memory):
             yield images.permute(0, 3, 1, 2)     # -> (n,3,H,W), a view
 
 
-def inception_score(images, model=None, weights=None, batch_size=200, splits=10, device=None,
+def inception_score(images, model=None, weights=None, batch_size=None, splits=10, device=None,
                     bf16=False, channels_last=False, return_probs=False):
     """IS of images already in memory, e.g. a few thousand samples during training.
 
@@ -599,6 +619,7 @@ def inception_score(images, model=None, weights=None, batch_size=200, splits=10,
         model = load_inception(weights, device=device, channels_last=channels_last)
     if device is None:
         device = next(model.parameters()).device
+    batch_size = batch_size or default_batch_size(device)
     batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
     probs = predict(model, batches, len(images), device, bf16=bf16, channels_last=channels_last)
     mean, std, _ = score_from_probs(probs.numpy(), splits)
@@ -618,7 +639,8 @@ def parse_args(argv=None):
     p.add_argument("--weights", default=None, help="torchvision's inception_v3_google-0cc3c7bd.pth; "
                    "default: torch.hub's cache, downloaded once")
     p.add_argument("--splits", type=int, default=10, help="consecutive parts to score separately")
-    p.add_argument("--batch-size", type=int, default=200, help="images per forward pass")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass "
+                   "(default 200 on cuda, 50 on cpu)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, ...")
     p.add_argument("--limit", type=int, default=None, help="score only the first N images")
@@ -636,6 +658,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.batch_size = args.batch_size or default_batch_size(args.device)
     t0 = time.time()
     try:
         chunks, skipped = open_images(args.images, chunk=args.batch_size)

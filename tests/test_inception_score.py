@@ -27,7 +27,10 @@ from PIL import Image
 
 import inception_score as IS
 
-N_IMAGES = 6   # images scored by the real network in the end-to-end tests
+# the weight files here are random: the warning that they are not the official file is expected
+pytestmark = pytest.mark.filterwarnings("ignore:.*is not the official weight file")
+
+N_IMAGES = 4   # images scored by the real network in the end-to-end tests
 SPLITS = 2
 BATCH = 2        # one batch size throughout: each new shape costs the CPU a slow first call
 
@@ -326,6 +329,9 @@ def test_not_a_state_dict_refused(tmp_path):
     torch.save([torch.zeros(3)], tmp_path / "list.pth")
     with pytest.raises(ValueError, match="does not hold a state dict"):
         IS.load_inception(str(tmp_path / "list.pth"))
+    torch.save({"model": {"fc.weight": torch.zeros(1)}, "epoch": 3}, tmp_path / "checkpoint.pth")
+    with pytest.raises(ValueError, match="not all its values are tensors"):
+        IS.load_inception(str(tmp_path / "checkpoint.pth"))
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="is not a PyTorch weight file"):
         IS.load_inception(str(tmp_path / "junk.pth"))
@@ -517,7 +523,7 @@ def test_cli_folder_zip_npy_give_identical_scores(tmp_path, capsys, images, weig
     r_folder, last, err = run_cli(capsys, folder, *common, "--workers", 2, "--json", tmp_path / "out/is.json")
     assert "skipped 2 entries that are not images: .DS_Store, notes.txt" in err
     assert re.fullmatch(rf"Inception Score: \d+\.\d{{3}} ± \d+\.\d{{3}}  \({N_IMAGES} images, {SPLITS} splits\)", last)
-    assert r_folder["inception_score"] > 1.5      # the calibrated random classifier is peaked
+    assert r_folder["inception_score"] > 1.3      # the calibrated random classifier is peaked
     assert json.loads((tmp_path / "out/is.json").read_text())["split_scores"] == r_folder["split_scores"]
     r_zip, _, _ = run_cli(capsys, tmp_path / "0860912_img.zip", *common, "--workers", 0)
     r_npy, _, _ = run_cli(capsys, tmp_path / "fakes.npy", *common)
@@ -581,6 +587,8 @@ def test_bad_inputs(tmp_path, capsys, weights, images):
         zf.writestr("a/1.png", (folder / "1.png").read_bytes())
         zf.writestr("b/1.png", (folder / "1.png").read_bytes())
     assert "holds images in 2 folders" in error(tmp_path / "two.zip")
+    (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 cut short")
+    assert "broken.zip is not a readable zip" in error(tmp_path / "broken.zip")
     (tmp_path / "x.txt").write_text("hi")
     assert "expected a folder of images, a .zip, or a .npy/.npz array" in error(tmp_path / "x.txt")
     with pytest.raises(ValueError, match=r"must be in \[-1, 1\]"):
