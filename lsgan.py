@@ -303,7 +303,7 @@ def main(argv=None):
         saved.update(path=ckpt_path, step=step)
         bar.update(step * images_per_step - bar.n)
         log.save(args.out, title=f"{SCRIPT} on {args.data}")
-        with torch.no_grad(), autocast:
+        with torch.no_grad():
             grid = G_ema(fixed_z)
         save_grid(grid, os.path.join(args.out, "grids", f"epoch-{epoch:04d}-step-{step}.png"))
         save_grid(grid, os.path.join(args.out, "grid.png"))
@@ -318,11 +318,17 @@ def main(argv=None):
             raise SystemExit(f"{SCRIPT}: {name} is NaN or infinite at step {bad_step}: stopping; {kept}. "
                              "Lower --lr-d/--lr-g, or resume from that checkpoint.")
 
+    def to_device(t):
+        """CPU -> device without a host sync: a plain .to("cuda") of ordinary CPU memory waits
+        until the GPU has finished all queued work; a non_blocking copy from pinned memory does not."""
+        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
     def augment(x):
         """DiffAugment with fresh parameters: differentiable, so G learns through it."""
         if not use_diffaug:
             return x
-        return diff_augment(x, random_diffaug(len(x), S, S, args.diffaug, generator=augment_gen, device=device))
+        params = random_diffaug(len(x), S, S, args.diffaug, generator=augment_gen)  # drawn on the CPU
+        return diff_augment(x, type(params)(*map(to_device, params)))
 
     # Ctrl-C: finish the current step, write a checkpoint, exit cleanly (twice: stop at once)
     stop = []
@@ -345,7 +351,7 @@ def main(argv=None):
                 for k in range(args.d_steps):
                     first = (batch * args.d_steps + k) * args.batch_size
                     index = order[first: first + args.batch_size]  # valid by construction: no check
-                    theta = random_affine(args.batch_size, **affine, generator=augment_gen, device=device)
+                    theta = to_device(random_affine(args.batch_size, **affine, generator=augment_gen))
                     real = warp_batch(bank, index, theta, S, padding="reflection", dtype=image_dtype, check_index=False)
                     z = torch.randn(args.batch_size, args.nz, 1, 1, device=device)
                     with autocast:
@@ -398,16 +404,17 @@ def main(argv=None):
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
 
-    # outputs: samples from the moving-average G, at the training size
+    # outputs: samples from the moving-average G, at the training size, in fp32 (bf16 keeps 8
+    # bits of mantissa: up to a grey level of error in a PNG)
     if not train:
-        with torch.no_grad(), autocast:
+        with torch.no_grad():
             save_grid(G_ema(fixed_z), os.path.join(args.out, "grid.png"))
     if args.sample:
         sample_gen = torch.Generator().manual_seed(args.seed + 1)
 
         def generate(count):
             z = torch.randn(min(count, 500), args.nz, 1, 1, generator=sample_gen).to(device)
-            with torch.no_grad(), autocast:
+            with torch.no_grad():
                 return to_uint8(G_ema(z))
 
         folder, zip_path = write_samples(generate, args.sample, samples_dir, force=args.force, zip_name=args.zip)
