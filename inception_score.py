@@ -14,7 +14,7 @@ Score a folder of 1.png ... N.png, the hand-in zip, or a uint8 array:
     python inception_score.py samples/ --weights inception_v3_google-0cc3c7bd.pth \\
         --device cuda --batch-size 200 --json out/is.json
 
-It shows a progress bar on stderr and prints, as its last line,
+It shows a progress bar and the time taken on stderr, and prints as its last line
 
     Inception Score: 4.512 ± 0.031  (50000 images, 10 splits)
 
@@ -38,8 +38,9 @@ last N % splits images), reported as mean ± std (ddof=0) over the chunks. A per
 generator for k classes, equally often and each image confidently one class, scores k.
 
 Faster, opt-in and tested to stay close to the default fp32: --bf16 (autocast),
---channels-last, --compile. On CUDA, "fp32" convolutions use TF32 as in PyTorch's defaults,
-exactly as the reference does when it runs on a GPU.
+--channels-last, --compile. On CUDA the default leaves PyTorch's settings alone, so fp32
+convolutions may use TF32 where PyTorch's defaults allow it, as the reference's do when it
+runs with the same torch on the same GPU.
 """
 
 import argparse
@@ -632,32 +633,37 @@ def inception_score(images, model=None, weights=None, batch_size=None, splits=10
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Inception Score of a folder, zip or array of images, "
-                                "computed as sbarratt/inception-score-pytorch does.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("images", help="folder of images (1.png ... N.png), a .zip of one such "
+                                "computed as sbarratt/inception-score-pytorch computes it.")
+    p.add_argument("images", help="a folder of images (1.png ... N.png), a .zip of one such "
                    "folder, or a .npy/.npz uint8 array (N,H,W,3) or (N,3,H,W)")
-    p.add_argument("--weights", default=None, help="torchvision's inception_v3_google-0cc3c7bd.pth; "
-                   "default: torch.hub's cache, downloaded once")
-    p.add_argument("--splits", type=int, default=10, help="consecutive parts to score separately")
+    p.add_argument("--weights", default=None, metavar="FILE", help="torchvision's "
+                   "inception_v3_google-0cc3c7bd.pth (default: torch.hub's cache, downloaded once)")
+    p.add_argument("--splits", type=int, default=10, help="consecutive parts scored separately; "
+                   "the result is their mean ± std (default: 10)")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass "
-                   "(default 200 on cuda, 50 on cpu)")
+                   "(default: 200 on cuda, 50 on cpu)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N images")
+                   help="cpu, cuda, cuda:1, ... (default: cuda if there is one)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="score only the first N images (default: all)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="decoding processes (0: decode in this process)")
+                   help="decoding processes, 0 to decode in this one (default: min(8, cores))")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast: faster on GPUs, "
                    "not bit-exact (compare with fp32 once before relying on it)")
-    p.add_argument("--channels-last", action="store_true", help="NHWC memory layout")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory layout: faster "
+                   "on CPUs and tensor-core GPUs, differs from fp32 only by rounding")
     p.add_argument("--compile", action="store_true", help="torch.compile the network "
-                   "(slow to start, pays off for 50,000 images on a GPU)")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+                   "(minutes to start; may pay off for 50,000 images on a GPU)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the result, with "
+                   "the per-split scores, as JSON to FILE")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    # warnings as one plain line, not a source listing
+    warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     args.batch_size = args.batch_size or default_batch_size(args.device)
     t0 = time.time()
     try:
@@ -672,7 +678,8 @@ def main(argv=None):
         if n < args.splits:
             raise ValueError(f"{args.images}: {n} images, fewer than the {args.splits} splits")
         if skipped:
-            print(f"skipped {len(skipped)} entries that are not images: "
+            what = "entry that is not an image" if len(skipped) == 1 else "entries that are not images"
+            print(f"skipped {len(skipped)} {what}: "
                   f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", file=sys.stderr)
         device = torch.device(args.device)
         model = load_inception(args.weights, device, channels_last=args.channels_last,
@@ -694,7 +701,7 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
-    print(f"{n} images in {seconds:.1f} s ({n / seconds:.0f} img/s) on {device}", file=sys.stderr)
+    print(f"{n} images in {seconds:.1f} s ({n / seconds:.1f} img/s) on {device}", file=sys.stderr)
     unused = n % args.splits
     note = f"; the last {unused} unused, as in the reference" if unused else ""
     print(f"Inception Score: {mean:.3f} ± {std:.3f}  ({n} images, {args.splits} splits{note})")
