@@ -29,6 +29,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -167,6 +168,7 @@ def run(device="cpu", n_images=200, batch_size=None, workers=None, splits=10, re
     (dicts); each pipeline is timed `repeats` times, interleaved, and its best time kept."""
     device = str(device)
     batch_size = batch_size or IS.default_batch_size(device)
+    warnings.filterwarnings("ignore", message=".*is not the official weight file")   # random on purpose
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "pngs")
         images = write_pngs(folder, n_images)
@@ -179,7 +181,7 @@ def run(device="cpu", n_images=200, batch_size=None, workers=None, splits=10, re
                 lambda: reference_pipeline(folder, model, device, splits=splits),
             f"ours (workers, batch {batch_size}, fp32)":
                 lambda: our_pipeline(folder, model, device, batch_size, splits, workers),
-            f"ours + channels_last":
+            "ours + channels_last":
                 lambda: our_pipeline(folder, model_cl, device, batch_size, splits, workers, channels_last=True),
         }
         if torch.device(device).type == "cuda":
