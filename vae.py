@@ -399,7 +399,7 @@ def run_sweep(args):
     grid = fig.add_gridspec(3, 2 * n, height_ratios=[1.4, 1, 0.3])
     for k, (factor, fixed) in enumerate([("latent", "batch_size"), ("batch_size", "latent")]):
         ax = fig.add_subplot(grid[0, k * n:(k + 1) * n])
-        for r in rows:
+        for r in sorted(rows, key=lambda r: r[factor]):
             if r[fixed] == getattr(args, fixed):
                 ax.plot(r["heldout_epochs"], r["heldout_curve"], "o-", label=f"{factor.replace('_', ' ')} {r[factor]}")
         ax.set(title=f"held-out -ELBO by {factor.replace('_', ' ')} ({fixed.replace('_', ' ')} {getattr(args, fixed)})",
