@@ -380,7 +380,7 @@ def run_sweep(args):
     with open(os.path.join(folder, "sweep.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()} for r in rows)
     lines = ["| latent | batch | steps | held-out -ELBO (nats/image) | reconstruction | KL | bits/dim "
              "| MSE per pixel | train time (s) |", "|---:" * 9 + "|"]
     for r in rows:
