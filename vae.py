@@ -4,7 +4,7 @@
     python vae.py --data anime --epochs 30           # 64x64 anime faces (--image-size 96 for 96x96)
     python vae.py --resume out/vae-anime/checkpoint.pt --epochs 60        # continue to 60 epochs in all
     python vae.py --resume out/vae-anime/checkpoint.pt --epochs 0 --sample 50000 --zip vae_img
-    python vae.py --data anime --image-size 32 --epochs 5 --sweep         # latent size / batch size study
+    python vae.py --data anime --image-size 32 --epochs 3 --sweep         # latent size / batch size study
 
 Everything goes to --out (default out/vae-<data>/), rewritten every epoch:
     elbo.csv, elbo.png        the learning curve: -ELBO and its two terms (reconstruction, KL) per
@@ -22,10 +22,16 @@ z = mu + exp(logvar / 2) * eps -> decoder (transposed convolutions) -> p(x|z) = 
 with s fitted to the error. The loss is the negative ELBO in nats per image, reconstruction + KL: see
 "loss" below for the signs, what is summed and what averaged, and why this likelihood.
 
-Expected on 'shapes' (default settings, CPU): the held-out -ELBO falls every epoch, the
-reconstructions are close copies after a few epochs and the prior samples are recognisable
-icons with soft edges. VAE samples are blurrier than GAN samples: where the latent code does
-not pin an image down, the Gaussian's best guess is the average of the candidates.
+Measured on the 2-core development CPU (one thread, other jobs running). `python vae.py
+--epochs 5` on 'shapes' (3.7 min): the held-out -ELBO falls every epoch, to -1841 nats per image
+(6.13 bits/dim, squared error 0.015 per pixel); the reconstructions are close copies, but the
+prior samples are patchy colour fields, not icons: flat colours with sharp edges are what a
+Gaussian VAE does worst, and (likely, not measured) the 128-dimensional codes of the training
+images fill only part of N(0, I). With --latent 16 (-586 nats) the samples are blurry
+backgrounds with a blob in the middle. On the
+anime faces at 32x32 (3 epochs, see --sweep) latents 16-32 give smooth, blurry, face-like
+samples and 128 sharper reconstructions with noisier samples. VAE samples are blurrier than GAN
+samples: where the code does not pin an image down, the Gaussian's best guess is an average.
 """
 
 import argparse
