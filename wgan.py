@@ -1,6 +1,7 @@
 """WGAN: the Wasserstein GAN (Arjovsky et al. 2017) and WGAN-GP (Gulrajani et al. 2017).
 
-    python wgan.py                                     # built-in shapes, 32x32, weight clipping
+    python wgan.py                                     # built-in shapes, 32x32, weight clipping (a GPU job)
+    python wgan.py --max-images 5000 --epochs 8 --ngf 32 --ndf 32                    # a look on a CPU
     python wgan.py --gp 10                             # WGAN-GP: a gradient penalty instead of clipping
     python wgan.py --data lld --gp 10 --epochs 20 --sample 50000 --zip 0860912_img    # the LLD hand-in
     python wgan.py --resume out/wgan-lld/checkpoint.pt --epochs 0 --sample 50000 --zip 0860912_img
@@ -21,6 +22,8 @@ L E (||grad D(x^)|| - 1)^2 at random points x^ between real and fake images (WGA
 1e-4, betas (0, 0.9), no BatchNorm in the critic, since the penalty is per image).
 
 `diff dcgan.py lsgan.py` and `diff dcgan.py wgan.py` show what the other objectives change.
+Results on LLD and the anime faces (Inception Score, samples) are not measured yet: no GPU
+run has been made so far.
 """
 
 import argparse
@@ -234,6 +237,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch sees no CUDA GPU; use --device cpu")
     # bf16 autocast on the GPU (no loss scaling needed, unlike fp16); plain fp32 on the CPU
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     image_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

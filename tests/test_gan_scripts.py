@@ -372,6 +372,7 @@ def test_default_out_folder_is_under_out(tmp_path, monkeypatch):
     (["--zip", "x"], "--zip NAME needs --sample N"),
     (["--image-size", 30], "--image-size must be a multiple of 4"),
     (["--batch-size", 100], "more than the 64 images"),
+    pytest.param(["--device", "cuda"], "no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
 ])
 def test_bad_input_is_a_clear_error(argv, expected, tmp_path, capsys):
     assert expected in error_of(capsys, "dcgan", TINY + ["--out", tmp_path / "bad", "--epochs", 1] + argv)
