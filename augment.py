@@ -31,6 +31,7 @@ oracle. GANLAB_REFERENCE=1 forces the reference.
 import glob
 import math
 import os
+import sys
 import warnings
 from typing import NamedTuple
 
@@ -58,10 +59,15 @@ def _build_and_load():
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if with_cuda:
         sources += [os.path.join(csrc, "augment_cuda.cpp"), os.path.join(csrc, "augment_kernels.cu")]
+    # at::parallel_for is an OpenMP pragma in torch's headers when torch uses OpenMP: without
+    # -fopenmp it silently runs on one thread. (Linking libgomp.so.1 adds no second runtime:
+    # the loader reuses the one torch has loaded under that name.)
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
     cpp_extension.load(
         name="ganlab_ops_cuda" if with_cuda else "ganlab_ops",
         sources=sources,
-        extra_cflags=["-O3"],
+        extra_cflags=["-O3"] + openmp,
+        extra_ldflags=openmp,
         extra_cuda_cflags=["-O3"],
         with_cuda=with_cuda,
         is_python_module=False,  # the ops register themselves under torch.ops.ganlab

@@ -1,36 +1,70 @@
 """Benchmarks: every speed figure in the README comes from this script.
 
-    python bench.py                 # all sections on the default device (cuda if present)
-    python bench.py --only op       # just the fused op
-    python bench.py --device cpu
+    python bench.py                          # every section on the default device (cuda if present)
+    python bench.py --only op                # one section: op, train or inception
+    python bench.py --device cpu --only train --seconds 20
 
-Ratios are measured in one process against named baselines (DESIGN.md, "Performance"),
-never across machines:
+Ratios are measured in one process against named baselines (DESIGN.md, "Performance");
+compare them within a run, never absolute times across machines.
 
-  op      the fused warp_batch (uint8 bank -> augmented float batch) against the chain of
-          PyTorch ops it replaces (index, float, affine_grid, grid_sample, normalize) and
-          against a per-sample Pillow pipeline in a DataLoader with workers, as a
-          torchvision-style input pipeline runs it; on a GPU also against the physical
-          floor (bytes moved / measured device-to-device copy bandwidth). DiffAugment
-          forward + backward, fused against its reference.
+  op         the fused warp_batch (uint8 bank -> augmented float batch) against the chain
+             of PyTorch ops it replaces (index, float, affine_grid, grid_sample, normalize)
+             and against a per-sample Pillow pipeline in a DataLoader with workers, as a
+             torchvision-style input pipeline runs it; on a GPU also against the physical
+             floor (bytes moved / measured device-to-device copy bandwidth). DiffAugment
+             forward + backward, fused against its reference.
+  train      dcgan.py's training step (D and G updates, EMA, DiffAugment; bf16 autocast on
+             CUDA) fed two ways: the resident uint8 bank + warp_batch, as dcgan.py does, and
+             a torchvision-style DataLoader (a Dataset of encoded PNG/JPEG bytes held in
+             memory; per sample Pillow decode, resize, flip, to-tensor, normalize; workers).
+             Workloads: 'shapes' (the built-in 32x32 icons as PNGs: the LLD case) and the
+             real anime faces in ../shared/data/anime-faces (96x96 JPEGs trained at 64x64;
+             skipped when absent). "data / step" is the fused data path's share of a step.
+  inception  the Inception Score pipeline of the reference implementation (a Dataset
+             decoding one PNG at a time, DataLoader batches of 32, per-batch upsampling,
+             scipy-style entropy per image), rewritten without torchvision, against
+             inception_score.py's (worker processes decode whole batches, uint8 to the
+             device, resize there, large batches, vectorised score), on freshly written
+             32x32 PNGs with the same random weights; both must give the same score.
 """
 
 import argparse
+import contextlib
+import copy
+import io
+import math
 import os
+import re
+import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
 import augment
+import data
+import dcgan
+import inception_score as IS
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device to measure on")
-parser.add_argument("--only", default="op", help="comma-separated sections to run: op")
-parser.add_argument("--batch-size", type=int, default=256, help="images per batch")
-parser.add_argument("--seconds", type=float, default=2.0, help="time spent measuring each row (after warm-up)")
+parser.add_argument("--only", default="op,train,inception", help="comma-separated sections: op, train, inception")
+parser.add_argument("--seconds", type=float, default=3.0, help="time spent measuring each row (after warm-up)")
+parser.add_argument("--batch-size", type=int, default=256, help="op: images per batch")
+parser.add_argument("--train-batch-size", type=int, default=128, help="train: images per step (dcgan.py's default)")
+parser.add_argument("--workloads", default="shapes,anime", help="train: comma-separated workloads, shapes and anime")
+parser.add_argument("--max-images", type=int, default=10000, help="train: images in each workload")
+parser.add_argument("--rounds", type=int, default=3, help="train: rows measured in this many alternating rounds; the median is shown")
+parser.add_argument("--workers", type=int, default=2, help="worker processes of the DataLoader baselines")
+parser.add_argument("--compile", action="store_true", help="train: torch.compile G and D, as dcgan.py --compile")
+parser.add_argument("--anime", default=os.path.join(HERE, "..", "shared", "data", "anime-faces"), help="train: folder of anime-face JPEGs")
+parser.add_argument("--images", type=int, default=200, help="inception: 32x32 PNGs to score")
+parser.add_argument("--repeats", type=int, default=1, help="inception: timings per pipeline, interleaved; the best is kept")
 
 
 def measure(fn, device, seconds):
@@ -48,6 +82,16 @@ def measure(fn, device, seconds):
             elapsed = time.perf_counter() - start
             if elapsed >= seconds:
                 return calls / elapsed
+
+
+def measure_alternating(fns, device, seconds, rounds):
+    """Median calls/s of each fn, measured in turns (a, b, c, a, b, c, ...) so that a machine
+    whose load drifts during the run (other processes) biases none of them."""
+    rates = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            rates[name].append(measure(fn, device, seconds / rounds))
+    return {name: float(np.median(r)) for name, r in rates.items()}
 
 
 def print_table(title, rows):
@@ -144,6 +188,329 @@ def bench_op(args, device):
                     [("workload", "achieved", "D2D copy", "fraction")] + extra)
 
 
+# -----------------------------------------------------------------------------
+# train: dcgan.py's loop fed by the fused data path or by a DataLoader
+
+
+class EncodedImages(torch.utils.data.Dataset):
+    """The baseline: per sample, decode PNG/JPEG bytes with Pillow, resize, flip, to tensor, normalize."""
+
+    def __init__(self, encoded, size):
+        self.encoded, self.size = encoded, size
+
+    def __len__(self):
+        return len(self.encoded)
+
+    def __getitem__(self, i):
+        image = Image.open(io.BytesIO(self.encoded[i])).convert("RGB")
+        if image.size != (self.size, self.size):
+            image = image.resize((self.size, self.size), Image.Resampling.BILINEAR)
+        if torch.rand(()) < 0.5:  # the workers' torch RNGs are seeded by the DataLoader
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)  # to_tensor
+        return (tensor - 0.5) / 0.5  # normalize to [-1, 1]
+
+
+def to_device(t, device):
+    """As dcgan.py: a non_blocking copy from pinned memory, which does not wait for the GPU."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def make_step(size, device, compile_models):
+    """dcgan.py's loop body with its defaults, as a function of a batch of reals."""
+    torch.manual_seed(0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    G, D = dcgan.Generator(size, 100, 64).to(device), dcgan.Discriminator(size, 64).to(device)
+    G.apply(dcgan.weights_init)
+    D.apply(dcgan.weights_init)
+    G_ema = copy.deepcopy(G).requires_grad_(False)
+    G_train, D_train = (torch.compile(G), torch.compile(D)) if compile_models else (G, D)
+    opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    gen = torch.Generator().manual_seed(0)
+
+    def bce(logits, target):
+        return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits.float(), target))
+
+    def diffaug(x):
+        params = augment.random_diffaug(len(x), size, size, generator=gen)
+        return augment.diff_augment(x, type(params)(*(to_device(t, device) for t in params)))
+
+    def step(real):
+        B = len(real)
+        z = torch.randn(B, 100, 1, 1, device=device)
+        with autocast:
+            with torch.no_grad():
+                fake = G_train(z)
+            loss_d = bce(D_train(diffaug(real)), 1.0) + bce(D_train(diffaug(fake)), 0.0)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+        z = torch.randn(B, 100, 1, 1, device=device)
+        with autocast:
+            loss_g = bce(D_train(diffaug(G_train(z))), 1.0)
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        with torch.no_grad():
+            for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+                p_ema.lerp_(p, 0.001)
+        return loss_d, loss_g
+
+    return step
+
+
+def load_workload(name, args):
+    """-> (encoded bytes per image, uint8 bank (N, 3, S, S) resized once, training size S)."""
+    if name == "shapes":
+        bank = data.load_images("shapes", n=args.max_images)
+        encoded = []
+        for image in bank:
+            buffer = io.BytesIO()
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+            encoded.append(buffer.getvalue())
+        return encoded, bank, 32
+    files = sorted(f for f in os.listdir(args.anime) if f.lower().endswith((".jpg", ".jpeg", ".png")))[: args.max_images]
+    encoded = [open(os.path.join(args.anime, f), "rb").read() for f in files]
+    # what data.load_images does once at load time: decode and resize to the training size
+    bank = torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(b)).convert("RGB").resize(
+        (64, 64), Image.Resampling.BILINEAR))).permute(2, 0, 1) for b in encoded]).contiguous()
+    return encoded, bank, 64
+
+
+def bench_train(args, device):
+    B = args.train_batch_size
+    for name in args.workloads.split(","):
+        if name == "anime" and not os.path.isdir(args.anime):
+            print(f"\nanime: skipped ({args.anime} not found)")
+            continue
+        encoded, bank, S = load_workload(name, args)
+        bank_dev = bank.to(device)
+        image_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        gen = torch.Generator().manual_seed(1)
+        position = {"order": None, "i": 0}
+
+        def fused_batch():
+            # dcgan.py's data path: randperm slice, flip parameters, warp_batch
+            if position["order"] is None or (position["i"] + 1) * B > len(bank_dev):
+                position["order"], position["i"] = torch.randperm(len(bank_dev), device=device), 0
+            index = position["order"][position["i"] * B: (position["i"] + 1) * B]
+            position["i"] += 1
+            theta = to_device(augment.random_affine(B, flip=0.5, generator=gen), device)
+            return augment.warp_batch(bank_dev, index, theta, S, padding="reflection", dtype=image_dtype, check_index=False)
+
+        loader = torch.utils.data.DataLoader(EncodedImages(encoded, S), batch_size=B, shuffle=True, drop_last=True,
+                                             num_workers=args.workers, persistent_workers=args.workers > 0,
+                                             pin_memory=device.type == "cuda")
+        stream = {"it": iter(loader)}
+
+        def loader_batch():
+            try:
+                batch = next(stream["it"])
+            except StopIteration:
+                stream["it"] = iter(loader)
+                batch = next(stream["it"])
+            return batch.to(device, non_blocking=True)
+
+        step = make_step(S, device, args.compile)
+        fixed = fused_batch()
+        rates = measure_alternating({"step": lambda: step(fixed), "fused": lambda: step(fused_batch()),
+                                     "loader": lambda: step(loader_batch())}, device, args.seconds, args.rounds)
+        step_only, fused, baseline = (rates[k] * B for k in ("step", "fused", "loader"))
+        fused_data = measure(fused_batch, device, args.seconds) * B
+        loader_data = measure(loader_batch, device, args.seconds) * B
+        del stream, loader
+
+        rows = [("pipeline", "images/s", "vs DataLoader", "data / step")]
+        rows.append(("train: fused (dcgan.py)", f"{fused:,.0f}", f"{fused / baseline:.2f}x", f"{fused / fused_data:.1%}"))
+        rows.append((f"train: DataLoader ({args.workers} workers)", f"{baseline:,.0f}", "1.00x", ""))
+        rows.append(("train step alone, fixed batch", f"{step_only:,.0f}", f"{step_only / baseline:.2f}x", ""))
+        rows.append(("data alone: fused", f"{fused_data:,.0f}", "", ""))
+        rows.append((f"data alone: DataLoader ({args.workers} workers)", f"{loader_data:,.0f}", "", ""))
+        print_table(f"{name}: {len(bank)} images, {S}x{S}, batch {B}, DCGAN ngf=ndf=64"
+                    f"{', compiled' if args.compile else ''}, on {describe(device)}", rows)
+
+
+# -----------------------------------------------------------------------------
+# inception: the reference's pipeline against inception_score.py's
+
+
+def write_pngs(folder, n, size=32, seed=0):
+    """n blocky random RGB images (4x4 colour cells), written as 1.png ... n.png"""
+    rng = np.random.default_rng(seed)
+    cells = rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
+    images = cells.repeat(size // 4, axis=1).repeat(size // 4, axis=2)
+    os.makedirs(folder, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(os.path.join(folder, f"{i + 1}.png"))
+    return images
+
+
+def random_weights(path, calibration_images, seed=0):
+    """Random weights with torchvision's keys and shapes, saved like torchvision's file.
+    Conv weights He-scaled so activations keep their size; a random net maps all images to
+    nearly the same features, so the classifier is centred on the calibration images'
+    mean feature and scaled to logits of std 4: predictions then differ between images and
+    the score means something (a plain random net scores ~1.000 on anything)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        layout = IS.Inception3().state_dict()
+    sd = {}
+    for k, v in layout.items():
+        if k.endswith("num_batches_tracked"):
+            sd[k] = torch.tensor(0)
+        elif k.endswith("conv.weight"):
+            sd[k] = torch.randn(v.shape, generator=g) * math.sqrt(2 / v[0].numel())
+        elif k.endswith(("running_var", "bn.weight")):
+            sd[k] = torch.rand(v.shape, generator=g) * 0.5 + 0.75
+        elif k.endswith(("running_mean", "bn.bias")):
+            sd[k] = torch.randn(v.shape, generator=g) * 0.1
+        else:   # fc and AuxLogits.fc
+            sd[k] = torch.randn(v.shape, generator=g) / math.sqrt(v.shape[-1])
+    with torch.device("meta"):
+        model = IS.Inception3()
+    model.load_state_dict(sd, assign=True)
+    model.eval().fc = nn.Identity()
+    x = torch.from_numpy(calibration_images).permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        h = model(IS.to_inception_input(x)).double()
+    w = sd["fc.weight"].double()
+    scale = 4 / ((h - h.mean(0)) @ w.T).std().item()
+    sd["fc.weight"] = (w * scale).float()
+    sd["fc.bias"] = (-(h.mean(0) @ w.T) * scale).float()
+    torch.save(sd, path)
+
+
+# -----------------------------------------------------------------------------
+# (a) the reference's approach
+
+
+class ReferenceDataset(torch.utils.data.Dataset):
+    """One item = one image, decoded when asked: PIL -> ToTensor (p / 255) -> Normalize
+    ((t - 0.5) / 0.5), the transforms the reference's users pass."""
+
+    def __init__(self, folder):
+        names = [f for f in os.listdir(folder) if f.lower().endswith(".png")]
+        self.files = [os.path.join(folder, f) for f in sorted(names, key=lambda f: int(re.sub(r"\D", "", f)))]
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        im = np.asarray(Image.open(self.files[i]).convert("RGB"))
+        t = torch.from_numpy(im.copy()).permute(2, 0, 1).float().div(255)
+        return (t - 0.5) / 0.5
+
+
+def entropy(pk, qk):
+    """scipy.stats.entropy(pk, qk): both scaled to sum to 1, then sum pk log(pk / qk)."""
+    pk, qk = pk / pk.sum(), qk / qk.sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(pk > 0, pk * np.log(pk / qk), 0.0).sum()
+
+
+def reference_pipeline(folder, model, device, batch_size=32, splits=10):
+    dataset = ReferenceDataset(folder)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    up = nn.Upsample(size=(299, 299), mode="bilinear")
+    n = len(dataset)
+    preds = np.zeros((n, 1000))
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            x = up(batch.to(device))
+            preds[i * batch_size:i * batch_size + len(batch)] = F.softmax(model(x), dim=1).cpu().numpy()
+    split_scores = []
+    for k in range(splits):
+        part = preds[k * (n // splits):(k + 1) * (n // splits), :]
+        py = np.mean(part, axis=0)
+        scores = [entropy(part[i, :], py) for i in range(part.shape[0])]
+        split_scores.append(np.exp(np.mean(scores)))
+    return float(np.mean(split_scores)), float(np.std(split_scores)), preds
+
+
+# -----------------------------------------------------------------------------
+# (b) inception_score.py
+
+
+def our_pipeline(folder, model, device, batch_size, splits=10, workers=None,
+                 bf16=False, channels_last=False):
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    chunks, _ = IS.open_images(folder, chunk=batch_size)
+    batches = IS.batches_from(chunks, workers, pin_memory=torch.device(device).type == "cuda")
+    probs = IS.predict(model, batches, chunks.count(), device, bf16=bf16, channels_last=channels_last)
+    mean, std, _ = IS.score_from_probs(probs.numpy(), splits)
+    return mean, std, probs.numpy()
+
+
+# -----------------------------------------------------------------------------
+
+
+def timed(fn, device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def run_inception(device="cpu", n_images=200, batch_size=None, workers=None, splits=10, repeats=1):
+    """Time the reference's pipeline and ours on n_images fresh 32x32 PNGs. Returns table rows
+    (dicts); each pipeline is timed `repeats` times, interleaved, and its best time kept."""
+    device = str(device)
+    batch_size = batch_size or IS.default_batch_size(device)
+    warnings.filterwarnings("ignore", message=".*is not the official weight file")   # random on purpose
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "pngs")
+        images = write_pngs(folder, n_images)
+        weights = os.path.join(tmp, "random_inception.pth")
+        random_weights(weights, images[:32])
+        model = IS.load_inception(weights, device=device)
+        model_cl = IS.load_inception(weights, device=device, channels_last=True)
+        pipelines = {
+            "reference (Dataset + DataLoader, batch 32, fp32)":
+                lambda: reference_pipeline(folder, model, device, splits=splits),
+            f"ours (workers, batch {batch_size}, fp32)":
+                lambda: our_pipeline(folder, model, device, batch_size, splits, workers),
+            "ours + channels_last":
+                lambda: our_pipeline(folder, model_cl, device, batch_size, splits, workers, channels_last=True),
+        }
+        if torch.device(device).type == "cuda":
+            pipelines["ours + channels_last + bf16"] = lambda: our_pipeline(
+                folder, model_cl, device, batch_size, splits, workers, bf16=True, channels_last=True)
+        # one untimed pass over a few images first: the first call of each layer is slow
+        warm = os.path.join(tmp, "warm")
+        write_pngs(warm, 2 * splits)
+        reference_pipeline(warm, model, device, splits=splits)
+        our_pipeline(warm, model_cl, device, 32, splits, 0, channels_last=True)
+        best, results = {}, {}
+        for _ in range(repeats):
+            for name, fn in pipelines.items():
+                seconds, results[name] = timed(fn, device)
+                best[name] = min(seconds, best.get(name, float("inf")))
+    ref_name = next(iter(pipelines))
+    ref_mean, _, ref_probs = results[ref_name]
+    rows = []
+    for name in pipelines:
+        mean, std, probs = results[name]
+        rows.append(dict(pipeline=name, device=device, images=n_images, seconds=round(best[name], 2),
+                         img_per_s=round(n_images / best[name], 1),
+                         speedup=round(best[ref_name] / best[name], 2),
+                         inception_score=f"{mean:.4f} ± {std:.4f}",
+                         is_diff=f"{abs(mean - ref_mean):.1e}",
+                         max_prob_diff=f"{np.abs(probs - ref_probs).max():.1e}"))
+    return rows
+
+
+def bench_inception(args, device):
+    rows = run_inception(device, args.images, workers=args.workers, repeats=args.repeats)
+    keys = ["pipeline", "images", "seconds", "img_per_s", "speedup", "inception_score", "is_diff", "max_prob_diff"]
+    table = [("pipeline", "images", "seconds", "images/s", "vs reference", "IS", "|IS - ref|", "max |p - p_ref|")]
+    table += [tuple(str(r[k]) for k in keys) for r in rows]
+    print_table(f"Inception Score of {args.images} 32x32 PNGs, random weights, on {describe(device)}", table)
+
+
 def describe(device):
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
@@ -154,7 +521,7 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"extension: {'C++/CUDA' if augment.load_extension() else 'reference fallback'}")
-    sections = {"op": bench_op}
+    sections = {"op": bench_op, "train": bench_train, "inception": bench_inception}
     for name in args.only.split(","):
         if name not in sections:
             raise SystemExit(f"bench.py: unknown section {name!r}; choose from {', '.join(sections)}")

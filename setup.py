@@ -22,11 +22,14 @@ if "build_ext" in sys.argv or os.environ.get("GANLAB_BUILD_EXT") == "1":
     import torch
 
     sources = ["csrc/augment.cpp"]
+    # at::parallel_for needs -fopenmp where torch uses OpenMP (see augment.py)
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
     if torch.version.cuda is not None and CUDA_HOME is not None:
         sources += ["csrc/augment_cuda.cpp", "csrc/augment_kernels.cu"]
-        extension = CUDAExtension("_ganlab_C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+        extension = CUDAExtension("_ganlab_C", sources, extra_compile_args={"cxx": ["-O3"] + openmp, "nvcc": ["-O3"]},
+                                  extra_link_args=openmp)
     else:
-        extension = CppExtension("_ganlab_C", sources, extra_compile_args={"cxx": ["-O3"]})
+        extension = CppExtension("_ganlab_C", sources, extra_compile_args={"cxx": ["-O3"] + openmp}, extra_link_args=openmp)
     ext_modules, cmdclass = [extension], {"build_ext": BuildExtension}
 
 setup(

@@ -105,10 +105,10 @@ void check_diffaug_args(const char* op, const at::Tensor& x, const at::Tensor& b
 
 // ------------------------------------------------------------------------ warp_batch, CPU
 
-template <typename out_t>
+template <typename out_t, int padding>
 static void warp_batch_cpu_kernel(const uint8_t* bank, int64_t H, int64_t W,
                                   const int64_t* index, const float* theta, int64_t B,
-                                  int64_t h, int64_t w, int padding, out_t* out) {
+                                  int64_t h, int64_t w, out_t* out) {
   const int64_t image_size = 3 * H * W, plane = h * w;
   const float inverse_w = 1.0f / w, inverse_h = 1.0f / h;
   // one task per output row: B * h rows, enough to keep every core busy even for B = 1
@@ -121,7 +121,7 @@ static void warp_batch_cpu_kernel(const uint8_t* bank, int64_t H, int64_t W,
       const float v = (2 * i + 1) * inverse_h - 1.0f;
       for (int j = 0; j < (int)w; ++j) {
         float rgb[3];
-        warp_pixel(image, (int)H, (int)W, theta + 6 * b, (2 * j + 1) * inverse_w - 1.0f, v, padding, rgb);
+        warp_pixel<padding>(image, (int)H, (int)W, theta + 6 * b, (2 * j + 1) * inverse_w - 1.0f, v, rgb);
         o[j] = static_cast<out_t>(rgb[0]);
         o[plane + j] = static_cast<out_t>(rgb[1]);
         o[2 * plane + j] = static_cast<out_t>(rgb[2]);
@@ -143,9 +143,13 @@ static at::Tensor warp_batch_cpu(const at::Tensor& bank, const at::Tensor& index
   }
   at::Tensor out = at::empty({B, 3, out_height, out_width}, bank.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "warp_batch_cpu", [&] {
-    warp_batch_cpu_kernel<scalar_t>(bank.data_ptr<uint8_t>(), bank.size(2), bank.size(3), idx,
-                                    theta.data_ptr<float>(), B, out_height, out_width,
-                                    (int)padding_mode, out.data_ptr<scalar_t>());
+    const auto run = [&](auto kernel) {
+      kernel(bank.data_ptr<uint8_t>(), bank.size(2), bank.size(3), idx, theta.data_ptr<float>(), B,
+             out_height, out_width, out.data_ptr<scalar_t>());
+    };
+    if (padding_mode == kZeros) run(warp_batch_cpu_kernel<scalar_t, kZeros>);
+    else if (padding_mode == kBorder) run(warp_batch_cpu_kernel<scalar_t, kBorder>);
+    else run(warp_batch_cpu_kernel<scalar_t, kReflection>);
   });
   return out;
 }

@@ -34,11 +34,11 @@ int blocks_for(int64_t work) {
 // ------------------------------------------------------------------------ warp_batch
 
 // One thread per output pixel (b, i, j), writing all three channels.
-template <typename out_t>
+template <typename out_t, int padding>
 __global__ void warp_batch_kernel(const uint8_t* __restrict__ bank, int64_t N, int H, int W,
                                   const int64_t* __restrict__ index,
                                   const float* __restrict__ theta, int64_t B, int h, int w,
-                                  int padding, out_t* __restrict__ out) {
+                                  out_t* __restrict__ out) {
   const int64_t plane = (int64_t)h * w, total = B * plane;
   for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < total;
        t += (int64_t)gridDim.x * blockDim.x) {
@@ -55,7 +55,7 @@ __global__ void warp_batch_kernel(const uint8_t* __restrict__ bank, int64_t N, i
     for (int e = 0; e < 6; ++e) m[e] = __ldg(theta + 6 * b + e);
     float rgb[3];
     const float u = (2 * j + 1) * (1.0f / w) - 1.0f, v = (2 * i + 1) * (1.0f / h) - 1.0f;
-    warp_pixel(bank + row * 3 * (int64_t)H * W, H, W, m, u, v, padding, rgb);
+    warp_pixel<padding>(bank + row * 3 * (int64_t)H * W, H, W, m, u, v, rgb);
     store(o, rgb[0]), store(o + plane, rgb[1]), store(o + 2 * plane, rgb[2]);
   }
 }
@@ -169,12 +169,20 @@ int launch_warp_batch(const uint8_t* bank, int64_t N, int H, int W, const int64_
                       int out_dtype, void* stream_) {
   cudaStream_t stream = (cudaStream_t)stream_;
   const int blocks = blocks_for(B * (int64_t)h * w);
+#define GANLAB_WARP(T, P) \
+  warp_batch_kernel<T, P><<<blocks, kThreads, 0, stream>>>(bank, N, H, W, index, theta, B, h, w, (T*)out)
+#define GANLAB_WARP_PADDINGS(T)                        \
+  if (padding == kZeros) GANLAB_WARP(T, kZeros);       \
+  else if (padding == kBorder) GANLAB_WARP(T, kBorder); \
+  else GANLAB_WARP(T, kReflection)
   switch (out_dtype) {
-    case 0: warp_batch_kernel<float><<<blocks, kThreads, 0, stream>>>(bank, N, H, W, index, theta, B, h, w, padding, (float*)out); break;
-    case 2: warp_batch_kernel<__half><<<blocks, kThreads, 0, stream>>>(bank, N, H, W, index, theta, B, h, w, padding, (__half*)out); break;
-    case 3: warp_batch_kernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(bank, N, H, W, index, theta, B, h, w, padding, (__nv_bfloat16*)out); break;
+    case 0: GANLAB_WARP_PADDINGS(float); break;
+    case 2: GANLAB_WARP_PADDINGS(__half); break;
+    case 3: GANLAB_WARP_PADDINGS(__nv_bfloat16); break;
     default: return (int)cudaErrorInvalidValue;
   }
+#undef GANLAB_WARP_PADDINGS
+#undef GANLAB_WARP
   return (int)cudaGetLastError();
 }
 
