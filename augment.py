@@ -193,6 +193,16 @@ def warp_batch_reference(bank, index, theta, size, padding="zeros", dtype=torch.
     return (warped / 127.5 - 1).to(dtype)  # pixel p -> p / 127.5 - 1
 
 
+def to_device(tensor, device):
+    """Copy a small CPU tensor to `device` without making the host wait for the GPU: a
+    plain .to("cuda") from pageable memory waits for all queued work first (a host sync per
+    step); from pinned memory with non_blocking=True it is queued like a kernel."""
+    device = torch.device(device) if device is not None else tensor.device
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def random_affine(batch, flip=0.5, translate=0.0, scale=(1.0, 1.0), rotate=0.0,
                   generator=None, device=None):
     """Draw one 2x3 affine matrix per sample for warp_batch (square images).
@@ -202,7 +212,7 @@ def random_affine(batch, flip=0.5, translate=0.0, scale=(1.0, 1.0), rotate=0.0,
     factor, uniform; > 1 zooms in (a random crop, with translate), < 1 zooms out. rotate:
     largest rotation in degrees, uniform in [-rotate, rotate]. The parameters are drawn on
     the CPU from `generator` (so runs are reproducible whatever the device) and moved to
-    `device` in one small copy.
+    `device` in one small asynchronous copy.
     """
     u = torch.rand(batch, 5, generator=generator)
     sign = torch.where(u[:, 0] < flip, -1.0, 1.0)  # -1 mirrors left-right
@@ -215,7 +225,7 @@ def random_affine(batch, flip=0.5, translate=0.0, scale=(1.0, 1.0), rotate=0.0,
         torch.stack([cos * sign, -sin, shift[:, 0]], dim=1),
         torch.stack([sin * sign, cos, shift[:, 1]], dim=1),
     ], dim=1)  # (B, 2, 3)
-    return theta.to(device=device, dtype=torch.float32)
+    return to_device(theta.float(), device)
 
 
 # -----------------------------------------------------------------------------
@@ -237,7 +247,7 @@ def random_diffaug(batch, height, width, policy="color,translation,cutout", gene
     """Draw DiffAugment parameters with the published distributions (Zhao et al. 2020).
 
     policy: comma-separated subset of color, translation, cutout; what is left out gets the
-    identity. Drawn on the CPU from `generator`, moved to `device` in one copy per tensor.
+    identity. Drawn on the CPU from `generator`, moved to `device` asynchronously.
     """
     chosen = {p.strip() for p in policy.split(",") if p.strip()}
     unknown = chosen - {"color", "translation", "cutout"}
@@ -262,7 +272,7 @@ def random_diffaug(batch, height, width, policy="color,translation,cutout", gene
         centre_x = torch.randint(0, width + (1 - side_x % 2), (batch,), generator=generator)
         top, left = centre_y - side_y // 2, centre_x - side_x // 2
         cutout = torch.stack([top, left, top + side_y, left + side_x], dim=1)
-    return DiffAugParams(*(t.to(device) for t in (brightness, saturation, contrast, translation, cutout)))
+    return DiffAugParams(*(to_device(t, device) for t in (brightness, saturation, contrast, translation, cutout)))
 
 
 def diff_augment(x, params):

@@ -153,7 +153,7 @@ def bench_op(args, device):
 
         loader = torch.utils.data.DataLoader(PillowAugmentDataset(bank, out_size, seed=1), batch_size=B, shuffle=True,
                                              num_workers=2, persistent_workers=True, drop_last=True)
-        batches = iter(loader)
+        batches = (batch for _ in iter(int, 1) for batch in loader)  # epoch after epoch
         pillow = measure(lambda: next(batches).to(device), device, args.seconds) * B
         del batches, loader
 
@@ -211,11 +211,6 @@ class EncodedImages(torch.utils.data.Dataset):
         return (tensor - 0.5) / 0.5  # normalize to [-1, 1]
 
 
-def to_device(t, device):
-    """As dcgan.py: a non_blocking copy from pinned memory, which does not wait for the GPU."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
-
 def make_step(size, device, compile_models):
     """dcgan.py's loop body with its defaults, as a function of a batch of reals."""
     torch.manual_seed(0)
@@ -233,8 +228,7 @@ def make_step(size, device, compile_models):
         return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits.float(), target))
 
     def diffaug(x):
-        params = augment.random_diffaug(len(x), size, size, generator=gen)
-        return augment.diff_augment(x, type(params)(*(to_device(t, device) for t in params)))
+        return augment.diff_augment(x, augment.random_diffaug(len(x), size, size, generator=gen, device=device))
 
     def step(real):
         B = len(real)
@@ -296,7 +290,7 @@ def bench_train(args, device):
                 position["order"], position["i"] = torch.randperm(len(bank_dev), device=device), 0
             index = position["order"][position["i"] * B: (position["i"] + 1) * B]
             position["i"] += 1
-            theta = to_device(augment.random_affine(B, flip=0.5, generator=gen), device)
+            theta = augment.random_affine(B, flip=0.5, generator=gen, device=device)
             return augment.warp_batch(bank_dev, index, theta, S, padding="reflection", dtype=image_dtype, check_index=False)
 
         loader = torch.utils.data.DataLoader(EncodedImages(encoded, S), batch_size=B, shuffle=True, drop_last=True,

@@ -344,17 +344,12 @@ def main(argv=None):
             raise SystemExit(f"{SCRIPT}: {name} is NaN or infinite at step {bad_step}: stopping; {kept}. "
                              "Lower --lr-d/--lr-g, or resume from that checkpoint.")
 
-    def to_device(t):
-        """CPU -> device without a host sync: a plain .to("cuda") of ordinary CPU memory waits
-        until the GPU has finished all queued work; a non_blocking copy from pinned memory does not."""
-        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
     def augment(x):
         """DiffAugment with fresh parameters: differentiable, so G learns through it."""
         if not use_diffaug:
             return x
-        params = random_diffaug(len(x), S, S, args.diffaug, generator=augment_gen)  # drawn on the CPU
-        return diff_augment(x, type(params)(*map(to_device, params)))
+        params = random_diffaug(len(x), S, S, args.diffaug, generator=augment_gen, device=device)  # drawn on the CPU, copied without a host sync
+        return diff_augment(x, params)
 
     # Ctrl-C: finish the current step, write a checkpoint, exit cleanly (twice: stop at once)
     stop = []
@@ -378,7 +373,7 @@ def main(argv=None):
                 for k in range(args.d_steps):
                     first = (batch * args.d_steps + k) * args.batch_size
                     index = order[first: first + args.batch_size]  # valid by construction: no check
-                    theta = to_device(random_affine(args.batch_size, **affine, generator=augment_gen))
+                    theta = random_affine(args.batch_size, **affine, generator=augment_gen, device=device)
                     real = warp_batch(bank, index, theta, S, padding="reflection", dtype=image_dtype, check_index=False)
                     z = torch.randn(args.batch_size, args.nz, 1, 1, device=device)
                     with autocast:

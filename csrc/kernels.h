@@ -37,6 +37,21 @@ enum Padding : int { kZeros = 0, kBorder = 1, kReflection = 2 };
 //       ix = ((gx + 1) * W - 1) / 2,   iy = ((gy + 1) * H - 1) / 2
 // ----------------------------------------------------------------------------------------
 
+// uint8 -> float. On the CPU a table lookup: scalar int-to-float conversions (cvtsi2ss) carry
+// a false dependency on their destination register and, 12 per pixel, serialized the loop.
+#if defined(__CUDA_ARCH__)
+GANLAB_HD float byte_to_float(uint8_t b) { return (float)b; }
+#else
+struct ByteToFloat {
+  float value[256];
+  constexpr ByteToFloat() : value() {
+    for (int i = 0; i < 256; ++i) value[i] = (float)i;
+  }
+};
+inline constexpr ByteToFloat kByteToFloat{};
+GANLAB_HD float byte_to_float(uint8_t b) { return kByteToFloat.value[b]; }
+#endif
+
 // Plain comparisons and an integer floor instead of fminf/fmaxf/floorf/fmodf: without
 // -ffast-math or SSE4.1, g++ compiles those as calls into libm, several per pixel, which
 // made the CPU kernel slower than grid_sample. floor_to_int needs |x| < 2^31.
@@ -108,7 +123,8 @@ GANLAB_HD void warp_pixel(const uint8_t* image, int H, int W, const float* theta
   const int64_t a10 = (int64_t)cy1 * W + cx0, a11 = (int64_t)cy1 * W + cx1;
   for (int c = 0; c < 3; ++c) {
     const uint8_t* p = image + c * plane;
-    const float value = w00 * p[a00] + w01 * p[a01] + w10 * p[a10] + w11 * p[a11];
+    const float value = w00 * byte_to_float(p[a00]) + w01 * byte_to_float(p[a01]) +
+                        w10 * byte_to_float(p[a10]) + w11 * byte_to_float(p[a11]);
     // pixel p in [0, 255] -> p / 127.5 - 1 in [-1, 1]
     rgb[c] = value * (1.0f / 127.5f) - 1.0f;
   }

@@ -319,7 +319,7 @@ def test_flags_reach_the_training_loop(tmp_path, monkeypatch):
                  "--lr-g", 1e-3, "--lr-d", 3e-4, "--seed", 3, "--device", "cpu", "--data-root", tmp_path,
                  "--batch-size", 8, "--max-images", 48, "--log-every", 5)
     assert seen["affine"][0] == {"flip": 0.5, "translate": 0.1, "scale": (1.0, 1.2), "rotate": 15.0,
-                                 "generator": seen["affine"][0]["generator"]}
+                                 "generator": seen["affine"][0]["generator"], "device": torch.device("cpu")}
     assert {a[3] for a in seen["diffaug"]} == {"translation"} and seen["load"] == [str(tmp_path)]
     assert seen["every"] == 5
     state = ckpt(folder)
@@ -332,7 +332,7 @@ def test_flags_reach_the_training_loop(tmp_path, monkeypatch):
     seen["affine"].clear(), seen["diffaug"].clear()
     monkeypatch.setattr(dcgan, "diff_augment", lambda *a: pytest.fail("--diffaug none must not augment"))
     run("dcgan", tmp_path, "--epochs", 1, "--augment", "none", "--diffaug", "none", out="plain")
-    assert seen["affine"][0]["flip"] == 0.0 and set(seen["affine"][0]) == {"flip", "generator"}
+    assert seen["affine"][0]["flip"] == 0.0 and set(seen["affine"][0]) == {"flip", "generator", "device"}
     assert all(a[3] == "" for a in seen["diffaug"])  # only the check of the policy, no draws
 
 
