@@ -75,7 +75,25 @@ def _build_and_load():
     )
 
 
-_state = {"loaded": None}  # None: not tried yet; True: ops available; False: reference only
+_state = {"loaded": None, "warned_cuda": False}  # loaded: None not tried yet, True ops available, False reference only
+
+
+def _use_ops(tensor):
+    """Whether the compiled op has a kernel for `tensor`'s device. A CUDA build of torch
+    without nvcc (the pip wheels ship none) builds the CPU kernels only: CUDA tensors then
+    take the reference, with one warning, instead of failing."""
+    if not load_extension():
+        return False
+    if tensor.device.type != "cuda":
+        return True
+    if torch._C._dispatch_has_kernel_for_dispatch_key("ganlab::warp_batch", "CUDA"):
+        return True
+    if not _state["warned_cuda"]:
+        _state["warned_cuda"] = True
+        warnings.warn("augment: the extension was built without its CUDA kernels (no nvcc found: set "
+                      "CUDA_HOME to a CUDA toolkit and clear ~/.cache/torch_extensions); CUDA tensors use "
+                      "the pure-PyTorch reference", stacklevel=3)
+    return False
 
 
 def load_extension():
@@ -179,7 +197,7 @@ def warp_batch(bank, index, theta, size, padding="zeros", dtype=torch.float32, c
                 f"warp_batch: index values must be in [0, {bank.shape[0] - 1}] for a bank of "
                 f"{bank.shape[0]} images, got min {low.item()} and max {high.item()}"
             )
-    if load_extension():
+    if _use_ops(bank):
         return torch.ops.ganlab.warp_batch(bank, index, theta, h, w, PADDING_MODES[padding], dtype)
     return warp_batch_reference(bank, index, theta, (h, w), padding, dtype)
 
@@ -277,7 +295,7 @@ def random_diffaug(batch, height, width, policy="color,translation,cutout", gene
 
 def diff_augment(x, params):
     """DiffAugment x (B, C, H, W) with `params` (DiffAugParams); differentiable in x."""
-    if load_extension():
+    if _use_ops(x):
         return torch.ops.ganlab.diffaug(x, *params)
     return diff_augment_reference(x, params)
 

@@ -318,6 +318,17 @@ def test_diffaug_bad_input(case):
 
 # ----------------------------------------------------------------------------- build, fallback
 
+def test_cpu_tensors_use_the_compiled_op(monkeypatch):
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the reference ran although the compiled op has a CPU kernel")
+
+    monkeypatch.setattr(augment, "warp_batch_reference", no_reference)
+    monkeypatch.setattr(augment, "diff_augment_reference", no_reference)
+    bank, index, theta = random_inputs(4, 8, 3, seed=0)
+    x = augment.warp_batch(bank, index, theta, 8)
+    augment.diff_augment(x, params_for(x, seed=0))
+
+
 def test_reference_forced_by_environment():
     code = "import augment, torch; print(augment.load_extension())"
     env = dict(os.environ, GANLAB_REFERENCE="1")
@@ -377,6 +388,17 @@ def test_cuda_warp_equals_cpu_and_grid_sample(padding, dtype):
         mode = list(augment.PADDING_MODES)[padding]
         oracle = augment.warp_batch_reference(bank.cuda(), index.cuda(), theta.cuda(), out_size, mode)
         torch.testing.assert_close(gpu.float(), oracle, atol=TOLERANCE[dtype], rtol=0)
+
+
+@needs_cuda
+def test_cuda_without_cuda_kernels_falls_back(monkeypatch):
+    # as on a CUDA build of torch with no nvcc: the extension has CPU kernels only
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda *args: False)
+    monkeypatch.setitem(augment._state, "warned_cuda", False)
+    bank, index, theta = random_inputs(4, 8, 3, seed=0, device="cuda")
+    with pytest.warns(UserWarning, match="without its CUDA kernels"):
+        out = augment.warp_batch(bank, index, theta, 8)
+    torch.testing.assert_close(out, augment.warp_batch_reference(bank, index, theta, 8))
 
 
 @needs_cuda
