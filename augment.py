@@ -54,25 +54,35 @@ def _build_and_load():
     from torch.utils import cpp_extension
 
     csrc = os.path.join(HERE, "csrc")
-    sources = [os.path.join(csrc, "augment.cpp")]
-    # CUDA kernels only where this torch was built with CUDA and nvcc can be found
-    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    if with_cuda:
-        sources += [os.path.join(csrc, "augment_cuda.cpp"), os.path.join(csrc, "augment_kernels.cu")]
     # at::parallel_for is an OpenMP pragma in torch's headers when torch uses OpenMP: without
     # -fopenmp it silently runs on one thread. (Linking libgomp.so.1 adds no second runtime:
     # the loader reuses the one torch has loaded under that name.)
     openmp = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
-    cpp_extension.load(
-        name="ganlab_ops_cuda" if with_cuda else "ganlab_ops",
-        sources=sources,
-        extra_cflags=["-O3"] + openmp,
-        extra_ldflags=openmp,
-        extra_cuda_cflags=["-O3"],
-        with_cuda=with_cuda,
-        is_python_module=False,  # the ops register themselves under torch.ops.ganlab
-        verbose=os.environ.get("GANLAB_VERBOSE_BUILD") == "1",
-    )
+
+    def build(with_cuda):
+        sources = [os.path.join(csrc, "augment.cpp")]
+        if with_cuda:
+            sources += [os.path.join(csrc, "augment_cuda.cpp"), os.path.join(csrc, "augment_kernels.cu")]
+        cpp_extension.load(
+            name="ganlab_ops_cuda" if with_cuda else "ganlab_ops",
+            sources=sources,
+            extra_cflags=["-O3"] + openmp,
+            extra_ldflags=openmp,
+            extra_cuda_cflags=["-O3"],
+            with_cuda=with_cuda,
+            is_python_module=False,  # the ops register themselves under torch.ops.ganlab
+            verbose=os.environ.get("GANLAB_VERBOSE_BUILD") == "1",
+        )
+
+    # CUDA kernels only where this torch was built with CUDA and nvcc can be found; if their
+    # build fails, the CPU kernels still serve CPU tensors (CUDA ones then take the reference)
+    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
+        try:
+            return build(with_cuda=True)
+        except Exception as error:
+            warnings.warn(f"augment: building the CUDA kernels failed ({type(error).__name__}); "
+                          "building the CPU kernels only. Set GANLAB_VERBOSE_BUILD=1 for the log.", stacklevel=4)
+    build(with_cuda=False)
 
 
 _state = {"loaded": None, "warned_cuda": False}  # loaded: None not tried yet, True ops available, False reference only

@@ -329,6 +329,25 @@ def test_cpu_tensors_use_the_compiled_op(monkeypatch):
     augment.diff_augment(x, params_for(x, seed=0))
 
 
+def test_failed_cuda_build_still_builds_the_cpu_kernels(monkeypatch):
+    from torch.utils import cpp_extension
+
+    builds = []
+
+    def fake_load(name, sources, with_cuda, **kwargs):
+        builds.append((name, with_cuda, [os.path.basename(s) for s in sources]))
+        if with_cuda:
+            raise RuntimeError("Error building extension 'ganlab_ops_cuda'")
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    with pytest.warns(UserWarning, match="building the CPU kernels only"):
+        augment._build_and_load()
+    assert builds == [("ganlab_ops_cuda", True, ["augment.cpp", "augment_cuda.cpp", "augment_kernels.cu"]),
+                      ("ganlab_ops", False, ["augment.cpp"])]
+
+
 def test_reference_forced_by_environment():
     code = "import augment, torch; print(augment.load_extension())"
     env = dict(os.environ, GANLAB_REFERENCE="1")
