@@ -108,6 +108,17 @@ GANLAB_HD void warp_pixel(const uint8_t* image, int H, int W, const float* theta
   const float dx = ix - x0, dy = iy - y0;
   float w00 = (1.0f - dx) * (1.0f - dy), w01 = dx * (1.0f - dy);
   float w10 = (1.0f - dx) * dy, w11 = dx * dy;
+  const int64_t plane = (int64_t)H * W;
+  if (x0 >= 0 && x1 < W && y0 >= 0 && y1 < H) {  // most pixels: all four taps inside
+    const int64_t a00 = (int64_t)y0 * W + x0;
+    for (int c = 0; c < 3; ++c) {
+      const uint8_t* p = image + c * plane + a00;
+      const float value = w00 * byte_to_float(p[0]) + w01 * byte_to_float(p[1]) +
+                          w10 * byte_to_float(p[W]) + w11 * byte_to_float(p[W + 1]);
+      rgb[c] = value * (1.0f / 127.5f) - 1.0f;  // pixel p in [0, 255] -> p / 127.5 - 1
+    }
+    return;
+  }
   const bool in_x0 = x0 >= 0 && x0 < W, in_x1 = x1 >= 0 && x1 < W;
   const bool in_y0 = y0 >= 0 && y0 < H, in_y1 = y1 >= 0 && y1 < H;
   // a tap outside the image reads 0: drop its weight and clamp its address so the read
@@ -118,7 +129,6 @@ GANLAB_HD void warp_pixel(const uint8_t* image, int H, int W, const float* theta
   if (!(in_x1 && in_y1)) w11 = 0.0f;
   const int cx0 = x0 < 0 ? 0 : (x0 >= W ? W - 1 : x0), cx1 = x1 < 0 ? 0 : (x1 >= W ? W - 1 : x1);
   const int cy0 = y0 < 0 ? 0 : (y0 >= H ? H - 1 : y0), cy1 = y1 < 0 ? 0 : (y1 >= H ? H - 1 : y1);
-  const int64_t plane = (int64_t)H * W;
   const int64_t a00 = (int64_t)cy0 * W + cx0, a01 = (int64_t)cy0 * W + cx1;
   const int64_t a10 = (int64_t)cy1 * W + cx0, a11 = (int64_t)cy1 * W + cx1;
   for (int c = 0; c < 3; ++c) {
