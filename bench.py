@@ -59,7 +59,7 @@ parser.add_argument("--batch-size", type=int, default=256, help="op: images per 
 parser.add_argument("--train-batch-size", type=int, default=128, help="train: images per step (dcgan.py's default)")
 parser.add_argument("--workloads", default="shapes,anime", help="train: comma-separated workloads, shapes and anime")
 parser.add_argument("--max-images", type=int, default=10000, help="train: images in each workload")
-parser.add_argument("--rounds", type=int, default=3, help="train: rows measured in this many alternating rounds; the median is shown")
+parser.add_argument("--rounds", type=int, default=3, help="op, train: compared rows are measured in this many alternating rounds; the median is shown")
 parser.add_argument("--workers", type=int, default=2, help="worker processes of the DataLoader baselines")
 parser.add_argument("--compile", action="store_true", help="train: torch.compile G and D, as dcgan.py --compile")
 parser.add_argument("--anime", default=os.path.join(HERE, "..", "shared", "data", "anime-faces"), help="train: folder of anime-face JPEGs")
@@ -148,8 +148,11 @@ def bench_op(args, device):
         index = torch.randint(0, n, (B,), generator=g).to(device)
         theta = augment.random_affine(B, flip=0.5, translate=0.1, scale=(0.9, 1.1), rotate=10, generator=g).to(device)
 
-        fused = measure(lambda: augment.warp_batch(bank_dev, index, theta, out_size, check_index=False), device, args.seconds) * B
-        chain = measure(lambda: augment.warp_batch_reference(bank_dev, index, theta, out_size), device, args.seconds) * B
+        # alternating rounds, median: a drift in the machine's load biases neither
+        rates = measure_alternating({
+            "fused": lambda: augment.warp_batch(bank_dev, index, theta, out_size, check_index=False),
+            "chain": lambda: augment.warp_batch_reference(bank_dev, index, theta, out_size)}, device, 2 * args.seconds, args.rounds)
+        fused, chain = rates["fused"] * B, rates["chain"] * B
 
         loader = torch.utils.data.DataLoader(PillowAugmentDataset(bank, out_size, seed=1), batch_size=B, shuffle=True,
                                              num_workers=2, persistent_workers=True, drop_last=True)
@@ -177,8 +180,10 @@ def bench_op(args, device):
     for size in (32, 64):
         x = torch.randn(B, 3, size, size, device=device, requires_grad=True)
         p = augment.random_diffaug(B, size, size, generator=g, device=device)
-        fused = measure(lambda: augment.diff_augment(x, p).sum().backward(), device, args.seconds) * B
-        chain = measure(lambda: augment.diff_augment_reference(x, p).sum().backward(), device, args.seconds) * B
+        rates = measure_alternating({
+            "fused": lambda: augment.diff_augment(x, p).sum().backward(),
+            "chain": lambda: augment.diff_augment_reference(x, p).sum().backward()}, device, 2 * args.seconds, args.rounds)
+        fused, chain = rates["fused"] * B, rates["chain"] * B
         rows.append((f"DiffAugment {size}x{size} fwd+bwd fused", f"{fused:,.0f}", f"{fused / chain:.1f}x", ""))
         rows.append((f"DiffAugment {size}x{size} fwd+bwd reference", f"{chain:,.0f}", "1.0x", ""))
 
