@@ -201,11 +201,11 @@ def warp_batch(bank, index, theta, size, padding="zeros", dtype=torch.float32, c
     if padding not in PADDING_MODES:
         raise ValueError(f"warp_batch: padding must be one of {list(PADDING_MODES)}, got {padding!r}")
     if check_index and isinstance(index, torch.Tensor) and index.is_cuda and index.numel() > 0:
-        low, high = torch.aminmax(index)
-        if low.item() < 0 or high.item() >= bank.shape[0]:
+        low, high = torch.stack(torch.aminmax(index)).tolist()  # one transfer, one sync
+        if low < 0 or high >= bank.shape[0]:
             raise IndexError(
                 f"warp_batch: index values must be in [0, {bank.shape[0] - 1}] for a bank of "
-                f"{bank.shape[0]} images, got min {low.item()} and max {high.item()}"
+                f"{bank.shape[0]} images, got min {low} and max {high}"
             )
     if _use_ops(bank):
         return torch.ops.ganlab.warp_batch(bank, index, theta, h, w, PADDING_MODES[padding], dtype)
