@@ -10,7 +10,8 @@ compare them within a run, never absolute times across machines.
   op         the fused warp_batch (uint8 bank -> augmented float batch) against the chain
              of PyTorch ops it replaces (index, float, affine_grid, grid_sample, normalize)
              and against a per-sample Pillow pipeline in a DataLoader with workers, as a
-             torchvision-style input pipeline runs it; on a GPU also against the physical
+             torchvision-style input pipeline runs it; on the CPU also the op's plain loop
+             (GANLAB_CPU_SIMD=0, as CPUs without AVX2 run it); on a GPU against the physical
              floor (bytes moved / measured device-to-device copy bandwidth). DiffAugment
              forward + backward, fused against its reference.
   train      dcgan.py's training step (D and G updates, EMA, DiffAugment; bf16 autocast on
@@ -137,6 +138,22 @@ class PillowAugmentDataset(torch.utils.data.Dataset):
         return (tensor - 0.5) / 0.5  # normalize to [-1, 1]
 
 
+def without_cpu_simd(fn):
+    """fn with warp_batch's AVX2 loop switched off (GANLAB_CPU_SIMD=0): the CPU kernel's
+    plain loop, which CPUs without AVX2 and FMA run."""
+    def run():
+        before = os.environ.get("GANLAB_CPU_SIMD")
+        os.environ["GANLAB_CPU_SIMD"] = "0"
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ["GANLAB_CPU_SIMD"]
+            else:
+                os.environ["GANLAB_CPU_SIMD"] = before
+    return run
+
+
 def bench_op(args, device):
     B = args.batch_size
     g = torch.Generator().manual_seed(0)
@@ -149,9 +166,12 @@ def bench_op(args, device):
         theta = augment.random_affine(B, flip=0.5, translate=0.1, scale=(0.9, 1.1), rotate=10, generator=g).to(device)
 
         # alternating rounds, median: a drift in the machine's load biases neither
-        rates = measure_alternating({
-            "fused": lambda: augment.warp_batch(bank_dev, index, theta, out_size, check_index=False),
-            "chain": lambda: augment.warp_batch_reference(bank_dev, index, theta, out_size)}, device, 2 * args.seconds, args.rounds)
+        fused_op = lambda: augment.warp_batch(bank_dev, index, theta, out_size, check_index=False)
+        pipelines = {"fused": fused_op,
+                     "chain": lambda: augment.warp_batch_reference(bank_dev, index, theta, out_size)}
+        if device.type == "cpu":  # the op's plain loop, as CPUs without AVX2 run it
+            pipelines["scalar"] = without_cpu_simd(fused_op)
+        rates = measure_alternating(pipelines, device, 2 * args.seconds, args.rounds)
         fused, chain = rates["fused"] * B, rates["chain"] * B
 
         loader = torch.utils.data.DataLoader(PillowAugmentDataset(bank, out_size, seed=1), batch_size=B, shuffle=True,
@@ -162,6 +182,9 @@ def bench_op(args, device):
 
         name = f"{in_size}->{out_size}"
         rows.append((f"{name} fused warp_batch", f"{fused:,.0f}", f"{fused / chain:.1f}x", f"{fused / pillow:.1f}x"))
+        if "scalar" in rates:
+            scalar = rates["scalar"] * B
+            rows.append((f"{name} fused, scalar loop", f"{scalar:,.0f}", f"{scalar / chain:.1f}x", f"{scalar / pillow:.1f}x"))
         rows.append((f"{name} chain of PyTorch ops", f"{chain:,.0f}", "1.0x", f"{chain / pillow:.1f}x"))
         rows.append((f"{name} Pillow + DataLoader(2 workers)", f"{pillow:,.0f}", "", "1.0x"))
 

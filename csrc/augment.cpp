@@ -17,6 +17,10 @@
 
 #include "checks.h"
 #include "kernels.h"
+#include "warp_avx2.h"
+
+#include <cstdlib>
+#include <string>
 
 namespace ganlab {
 
@@ -105,10 +109,12 @@ void check_diffaug_args(const char* op, const at::Tensor& x, const at::Tensor& b
 
 // ------------------------------------------------------------------------ warp_batch, CPU
 
+// use_avx2: take warp_row_avx2 (warp_avx2.h) where the CPU has it; false runs the plain loop
+// (GANLAB_CPU_SIMD=0 asks for that, so that the tests can check both paths on one machine).
 template <typename out_t, int padding>
-static void warp_batch_cpu_kernel(const uint8_t* bank, int64_t H, int64_t W,
+static void warp_batch_cpu_kernel(const uint8_t* bank, int64_t N, int64_t H, int64_t W,
                                   const int64_t* index, const float* theta, int64_t B,
-                                  int64_t h, int64_t w, out_t* out) {
+                                  int64_t h, int64_t w, out_t* out, bool use_avx2) {
   const int64_t image_size = 3 * H * W, plane = h * w;
   const float inverse_w = 1.0f / w, inverse_h = 1.0f / h;
   // one task per output row: B * h rows, enough to keep every core busy even for B = 1
@@ -119,6 +125,13 @@ static void warp_batch_cpu_kernel(const uint8_t* bank, int64_t H, int64_t W,
       const uint8_t* image = bank + index[b] * image_size;
       out_t* o = out + b * 3 * plane + i * w;
       const float v = (2 * i + 1) * inverse_h - 1.0f;
+#ifdef GANLAB_HAVE_AVX2
+      // its gathers read 2 bytes past a tap: not allowed past the end of the bank
+      if (use_avx2 && index[b] != N - 1) {
+        warp_row_avx2<out_t, padding>(image, (int)H, (int)W, theta + 6 * b, v, (int)w, inverse_w, o, plane);
+        continue;
+      }
+#endif
       for (int j = 0; j < (int)w; ++j) {
         float rgb[3];
         warp_pixel<padding>(image, (int)H, (int)W, theta + 6 * b, (2 * j + 1) * inverse_w - 1.0f, v, rgb);
@@ -128,6 +141,15 @@ static void warp_batch_cpu_kernel(const uint8_t* bank, int64_t H, int64_t W,
       }
     }
   });
+}
+
+static bool cpu_simd_wanted() {
+#ifdef GANLAB_HAVE_AVX2
+  const char* setting = std::getenv("GANLAB_CPU_SIMD");
+  return cpu_has_avx2() && !(setting != nullptr && std::string(setting) == "0");
+#else
+  return false;
+#endif
 }
 
 static at::Tensor warp_batch_cpu(const at::Tensor& bank, const at::Tensor& index_,
@@ -142,10 +164,11 @@ static at::Tensor warp_batch_cpu(const at::Tensor& bank, const at::Tensor& index
                 " is out of range for a bank of ", N, " images (valid: 0 to ", N - 1, ")");
   }
   at::Tensor out = at::empty({B, 3, out_height, out_width}, bank.options().dtype(dtype));
+  const bool use_avx2 = cpu_simd_wanted();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "warp_batch_cpu", [&] {
     const auto run = [&](auto kernel) {
-      kernel(bank.data_ptr<uint8_t>(), bank.size(2), bank.size(3), idx, theta.data_ptr<float>(), B,
-             out_height, out_width, out.data_ptr<scalar_t>());
+      kernel(bank.data_ptr<uint8_t>(), N, bank.size(2), bank.size(3), idx, theta.data_ptr<float>(), B,
+             out_height, out_width, out.data_ptr<scalar_t>(), use_avx2);
     };
     if (padding_mode == kZeros) run(warp_batch_cpu_kernel<scalar_t, kZeros>);
     else if (padding_mode == kBorder) run(warp_batch_cpu_kernel<scalar_t, kBorder>);

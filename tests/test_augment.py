@@ -52,6 +52,78 @@ def test_warp_equals_grid_sample(in_size, out_size, padding, dtype):
     torch.testing.assert_close(fused.float(), oracle, atol=TOLERANCE[dtype], rtol=0)
 
 
+def cpu_has_avx2():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_warp_cpu_vector_and_scalar_loops(padding, dtype, monkeypatch):
+    # The CPU kernel has an AVX2 loop (8 pixels per step, where all their taps are inside the
+    # image) and the plain loop (other CPUs; GANLAB_CPU_SIMD=0). Both against grid_sample on
+    # widths that are not multiples of 8 (the tail), zoomed-out matrices (groups that fall
+    # back pixel by pixel) and the bank's last image (always the plain loop).
+    g = torch.Generator().manual_seed(11)
+    bank = torch.randint(0, 256, (4, 3, 21, 30), dtype=torch.uint8, generator=g)
+    index = torch.tensor([3, 0, 1, 2, 3, 1])
+    theta = augment.random_affine(6, flip=0.5, translate=0.3, scale=(0.5, 1.5), rotate=40, generator=g)
+    images = bank[index].float()
+    grid = F.affine_grid(theta, [6, 3, 19, 29], align_corners=False)
+    oracle = F.grid_sample(images, grid, mode="bilinear", padding_mode=padding, align_corners=False) / 127.5 - 1
+    outputs = {}
+    for setting in ["1", "0"]:
+        monkeypatch.setenv("GANLAB_CPU_SIMD", setting)
+        outputs[setting] = torch.ops.ganlab.warp_batch(bank, index, theta, 19, 29,
+                                                       augment.PADDING_MODES[padding], dtype).float()
+        torch.testing.assert_close(outputs[setting], oracle, atol=TOLERANCE[dtype], rtol=0)
+    if cpu_has_avx2() and dtype == torch.float32:
+        # the vector loop rounds differently (fused multiply-adds): proof that it ran
+        assert not torch.equal(outputs["1"], outputs["0"])
+
+
+GUARD_PAGE_SCRIPT = r"""
+import ctypes, mmap, sys
+import numpy as np, torch
+sys.path.insert(0, sys.argv[1])
+import augment
+# a bank whose last byte is the last byte before a page the process may not touch
+page = mmap.PAGESIZE
+shape = (3, 3, 13, 13)
+nbytes = int(np.prod(shape))
+pages = -(-nbytes // page) + 1
+memory = mmap.mmap(-1, pages * page)
+address = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+assert libc.mprotect(address + (pages - 1) * page, page, 0) == 0  # PROT_NONE
+start = (pages - 1) * page - nbytes
+array = np.frombuffer(memory, dtype=np.uint8, count=nbytes, offset=start).reshape(shape)
+bank = torch.from_numpy(array)
+bank.copy_(torch.randint(0, 256, shape, dtype=torch.uint8))
+# the last image, zoomed so its taps reach the bottom-right pixel, in every padding mode
+index = torch.tensor([2, 1, 2, 0] * 4)
+theta = augment.random_affine(16, flip=0.5, translate=0.4, scale=(0.6, 1.2), rotate=20)
+for padding in ["zeros", "border", "reflection"]:
+    out = augment.warp_batch(bank, index, theta, 16, padding)
+    ref = augment.warp_batch_reference(bank, index, theta, 16, padding)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect guard page: Linux")
+def test_warp_never_reads_past_the_bank():
+    # the vector loop's gathers read 2 bytes beyond a tap; at the bank's end that would fault
+    result = subprocess.run([sys.executable, "-c", GUARD_PAGE_SCRIPT, REPO], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
 def test_warp_far_outside_the_image(padding):
     # zoomed out 4x and shifted by several image sizes: reflection folds many times
