@@ -444,6 +444,40 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch):
     assert saved["loaded"] is True
 
 
+AOT_CHECK = r"""
+import sys
+import torch
+from torch.utils import cpp_extension
+def no_jit(*args, **kwargs):
+    raise AssertionError("augment.py JIT-built although an ahead-of-time build is present")
+cpp_extension.load = no_jit
+import augment
+assert augment.load_extension()
+g = torch.Generator().manual_seed(0)
+bank = torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8, generator=g)
+index = torch.tensor([0, 3, 1])
+theta = augment.random_affine(3, flip=0.5, translate=0.1, rotate=10, generator=g)
+out = augment.warp_batch(bank, index, theta, 16, "reflection")
+torch.testing.assert_close(out, augment.warp_batch_reference(bank, index, theta, 16, "reflection"), atol=1e-4, rtol=0)
+print("ok")
+"""
+
+
+def test_ahead_of_time_build_is_used(tmp_path):
+    # `python setup.py build_ext --inplace` in a copy of the checkout (so the .so does not
+    # shadow the JIT build of the other tests), then augment.py must load it and not JIT-build
+    for name in ["setup.py", "augment.py"]:
+        shutil.copy(os.path.join(REPO, name), tmp_path / name)
+    shutil.copytree(os.path.join(REPO, "csrc"), tmp_path / "csrc")
+    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
+    assert list(tmp_path.glob("_ganlab_C*.so")), "setup.py built no _ganlab_C*.so"
+    check = subprocess.run([sys.executable, "-c", AOT_CHECK], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+    assert check.returncode == 0 and check.stdout.strip().endswith("ok"), check.stderr[-2000:]
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 @pytest.mark.parametrize("arch", ["80", "90"])
 def test_cuda_kernels_compile_with_nvcc(arch, tmp_path):
