@@ -40,7 +40,7 @@ setup(
     py_modules=[],  # scripts and modules run from the checkout
     packages=[],
     install_requires=["torch>=2.4", "numpy", "h5py", "pillow", "ninja", "tqdm", "matplotlib"],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "scipy"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
