@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 import data
 import outputs
-from augment import random_affine, warp_batch
+from augment import random_affine, to_device, warp_batch
 
 # -----------------------------------------------------------------------------
 # settings: `python vae.py --help` lists them with their defaults
@@ -581,7 +581,7 @@ def main(argv=None):
         noise = torch.Generator().manual_seed(1)
         for first in range(0, n_heldout, 256):
             x = heldout_batch(heldout_index[first:first + 256])
-            eps = torch.randn(len(x), args.latent, generator=noise).to(device)
+            eps = to_device(torch.randn(len(x), args.latent, generator=noise), device)  # no host sync per batch
             with autocast:
                 x_hat, mu, logvar = model(x, eps)
             recon = reconstruction_nll(x, x_hat.float(), model.decoder.log_scale())
