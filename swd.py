@@ -6,6 +6,7 @@ objective against another) where the Inception weights are not at hand.
 
     python swd.py out/dcgan-anime/samples ../shared/data/anime-faces --image-size 32
     python swd.py out/dcgan-anime/samples anime --json out/dcgan-anime/swd.json
+    python swd.py anime anime --reference-offset 10000        # real against real: the noise floor
 
 Each argument is anything data.py reads: a folder or zip of images (1.png ... N.png, JPEGs),
 an .hdf5/.pkl file, or a dataset name (shapes, lld, anime). The last line printed is
@@ -49,6 +50,7 @@ parser.add_argument("reference", help="real images, the same kinds")
 parser.add_argument("--image-size", type=int, default=None, help="side both sets are resized to; if not given: data.py's for the first set, 32 or 64")
 parser.add_argument("--data-root", default=None, help="folder that holds the named datasets; if not given: data.py's")
 parser.add_argument("--max-images", type=int, default=10000, help="use the first N images of each set (the smaller count decides)")
+parser.add_argument("--reference-offset", type=int, default=0, help="skip the reference's first N images: with the same set twice, the SWD of two disjoint parts (the noise floor)")
 parser.add_argument("--patches", type=int, default=64, help="7x7 neighbourhoods drawn per image and pyramid level")
 parser.add_argument("--seed", type=int, default=0, help="seed of the patch positions and directions")
 parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -109,9 +111,10 @@ def descriptors(level, patches, generator):
 def sliced_wasserstein(a, b, directions):
     """Mean over the unit directions (D, K) of the 1-D Wasserstein-1 distance between the
     projections of a (M, K) and b (M, K): sort both, average the absolute differences."""
-    projected_a = torch.sort(a @ directions.T, dim=0).values  # (M, D)
-    projected_b = torch.sort(b @ directions.T, dim=0).values
-    return (projected_a - projected_b).abs().mean().item()
+    # (D, M): one row per direction, sorted; numpy's sort (SIMD) is several times torch's here
+    projected_a = np.sort((directions @ a.T).numpy(), axis=1)
+    projected_b = np.sort((directions @ b.T).numpy(), axis=1)
+    return float(np.abs(projected_a - projected_b).mean(dtype=np.float64))
 
 
 def swd(images, reference, patches=64, seed=0, rounds=4, directions_per_round=128):
@@ -135,21 +138,23 @@ def swd(images, reference, patches=64, seed=0, rounds=4, directions_per_round=12
     return result
 
 
-def load(name_or_path, size, root, limit):
+def load(name_or_path, size, root, limit, offset=0):
     x = data.load_images(name_or_path, root=root, size=size)
-    return x[:limit]
+    return x[offset:offset + limit]
 
 
 def main(argv=None):
     args = parser.parse_args(argv)
     try:
         images = load(args.images, args.image_size, args.data_root, args.max_images)
-        reference = load(args.reference, images.shape[-1], args.data_root, args.max_images)
+        reference = load(args.reference, images.shape[-1], args.data_root, args.max_images, args.reference_offset)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     count = min(len(images), len(reference))
     if count < 2:
         parser.error(f"need at least 2 images in each set, got {len(images)} and {len(reference)}")
+    if args.reference_offset < 0:
+        parser.error("--reference-offset must be >= 0")
     if args.patches < 1:
         parser.error("--patches must be at least 1")
     if images.shape[-1] < PATCH:

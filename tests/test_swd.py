@@ -101,6 +101,12 @@ def test_command_line(tmp_path, capsys):
     assert last.startswith("SWD x 1e3: 32px ") and last.endswith("(40 vs 40 images)")
     saved = json.loads(out.read_text())
     assert saved["count"] == 40 and saved["swd_x1e3"]["average"] == pytest.approx(result["average"])
+    # the same folder against itself: identical images give a smaller distance than the
+    # folder against a disjoint part of itself (--reference-offset), which is still small
+    same = swd.main([str(folder), str(folder), "--max-images", "20", "--patches", "8"])
+    disjoint = swd.main([str(folder), str(folder), "--max-images", "20", "--patches", "8", "--reference-offset", "20"])
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("(20 vs 20 images)")
+    assert same["average"] < disjoint["average"] < result["average"] * 3
 
 
 def test_command_line_bad_input(tmp_path, capsys):
