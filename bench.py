@@ -14,7 +14,7 @@ compare them within a run, never absolute times across machines.
              (GANLAB_CPU_SIMD=0, as CPUs without AVX2 run it); on a GPU against the physical
              floor (bytes moved / measured device-to-device copy bandwidth). DiffAugment
              forward + backward, fused against its reference.
-  train      dcgan.py's training step (D and G updates, EMA, DiffAugment; bf16 autocast on
+  train      dcgan.py's training step (D and G updates, EMA, flip + DiffAugment; bf16 autocast on
              CUDA) fed two ways: the resident uint8 bank + warp_batch, as dcgan.py does, and
              a torchvision-style DataLoader (a Dataset of encoded PNG/JPEG bytes held in
              memory; per sample Pillow decode, resize, flip, to-tensor, normalize; workers).
@@ -240,7 +240,8 @@ class EncodedImages(torch.utils.data.Dataset):
 
 
 def make_step(size, device, compile_models):
-    """dcgan.py's loop body with its defaults, as a function of a batch of reals."""
+    """dcgan.py's loop body as `--augment flip --diffaug color,translation,cutout` runs it (its
+    defaults otherwise), as a function of a batch of reals."""
     torch.manual_seed(0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     G, D = dcgan.Generator(size, 100, 64).to(device), dcgan.Discriminator(size, 64).to(device)
