@@ -85,6 +85,29 @@ def load_images(name_or_path='shapes', root=None, size=None, *, n=20000, seed=0,
     return torch.from_numpy(x)
 
 
+def native_size(name_or_path, root=None):
+    """The side load_images should ask for to keep a set's own resolution: 32 for 'shapes', the
+    shorter side of the first image in a folder or zip (what fit_image's centre crop keeps), and
+    None for .hdf5/.pkl files, whose arrays load_images already keeps at their own size."""
+    name_or_path = os.fspath(name_or_path)
+    if name_or_path == 'shapes':
+        return 32
+    kind, paths = find_source(name_or_path, root)
+    if kind not in ('folder', 'zip'):
+        return None
+    names, _ = _list_images(_walk(paths[0])) if kind == 'folder' else _zip_images(paths[0])
+    if not names:
+        raise ValueError(f'{paths[0]}: no images in it')
+    try:
+        if kind == 'folder':
+            with Image.open(os.path.join(paths[0], names[0])) as im:
+                return min(im.size)  # reads the header only
+        with zipfile.ZipFile(paths[0]) as archive, archive.open(names[0]) as f, Image.open(f) as im:
+            return min(im.size)
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f'{names[0]} in {paths[0]}: unreadable image ({e})') from e
+
+
 # ---------------------------------------------------------------- finding the files
 
 def find_source(name_or_path, root=None):

@@ -1,8 +1,9 @@
 """DCGAN: the vanilla GAN objective on deep convolutional networks (Radford et al. 2015).
 
     python dcgan.py                                    # built-in shapes, 32x32: 25 epochs of 20,000 icons, a GPU job
-    python dcgan.py --max-images 5000 --epochs 8 --batch-size 64 --ngf 32 --ndf 32   # a look on a CPU:
-                                                       # 9 min on 2 busy cores, varied coloured blobs
+    python dcgan.py --max-images 5000 --epochs 8 --batch-size 64 --ngf 32 --ndf 32 \\
+        --augment flip --diffaug color,translation,cutout    # the built-in icons need it: README
+                                                       # about 1 min on 2 idle cores: the icons' palette and layout
     python dcgan.py --data anime --epochs 100          # 64x64 anime faces (--image-size 96 for 96x96)
     python dcgan.py --data lld --epochs 20 --sample 50000 --zip 0860912_img    # the LLD hand-in
     python dcgan.py --resume out/dcgan-lld/checkpoint.pt --epochs 0 --sample 50000 --zip 0860912_img

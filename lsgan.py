@@ -1,7 +1,8 @@
 """LSGAN: least-squares GAN (Mao et al. 2017) on the DCGAN networks of dcgan.py.
 
     python lsgan.py                                    # built-in shapes, 32x32: 25 epochs of 20,000 icons, a GPU job
-    python lsgan.py --max-images 5000 --epochs 8 --batch-size 64 --ngf 32 --ndf 32   # a look on a CPU
+    python lsgan.py --max-images 5000 --epochs 8 --batch-size 64 --ngf 32 --ndf 32 \\
+        --augment flip --diffaug color,translation,cutout    # the built-in icons need it: README
     python lsgan.py --data anime --epochs 100          # 64x64 anime faces (--image-size 96 for 96x96)
     python lsgan.py --data lld --epochs 20 --sample 50000 --zip 0860912_img    # the LLD hand-in
     python lsgan.py --resume out/lsgan-lld/checkpoint.pt --epochs 0 --sample 50000 --zip 0860912_img

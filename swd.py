@@ -4,7 +4,7 @@ of generated images are from those of real ones, at every scale. Needs no pretra
 so it runs offline on any images; we use it to compare runs (augmentation on and off, one
 objective against another) where the Inception weights are not at hand.
 
-    python swd.py out/dcgan-anime/samples ../shared/data/anime-faces --image-size 32
+    python swd.py out/dcgan-anime/samples ../shared/data/anime-faces    # at the samples' size
     python swd.py out/dcgan-anime/samples anime --json out/dcgan-anime/swd.json
     python swd.py anime anime --reference-offset 10000        # real against real: the noise floor
 
@@ -47,7 +47,7 @@ import data
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("images", help="generated images: folder, zip, .hdf5/.pkl, or a dataset name")
 parser.add_argument("reference", help="real images, the same kinds")
-parser.add_argument("--image-size", type=int, default=None, help="side both sets are resized to; if not given: data.py's for the first set, 32 or 64")
+parser.add_argument("--image-size", type=int, default=None, help="side both sets are resized to; if not given: the first set's own (its first image's)")
 parser.add_argument("--data-root", default=None, help="folder that holds the named datasets; if not given: data.py's")
 parser.add_argument("--max-images", type=int, default=10000, help="use the first N images of each set (the smaller count decides)")
 parser.add_argument("--reference-offset", type=int, default=0, help="skip the reference's first N images: with the same set twice, the SWD of two disjoint parts (the noise floor)")
@@ -146,7 +146,8 @@ def load(name_or_path, size, root, limit, offset=0):
 def main(argv=None):
     args = parser.parse_args(argv)
     try:
-        images = load(args.images, args.image_size, args.data_root, args.max_images)
+        size = args.image_size or data.native_size(args.images, args.data_root)
+        images = load(args.images, size, args.data_root, args.max_images)
         reference = load(args.reference, images.shape[-1], args.data_root, args.max_images, args.reference_offset)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))

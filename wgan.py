@@ -1,7 +1,8 @@
 """WGAN: the Wasserstein GAN (Arjovsky et al. 2017) and WGAN-GP (Gulrajani et al. 2017).
 
     python wgan.py                                     # built-in shapes, 32x32, weight clipping (a GPU job)
-    python wgan.py --max-images 5000 --epochs 8 --ngf 32 --ndf 32                    # a look on a CPU
+    python wgan.py --max-images 5000 --epochs 8 --ngf 32 --ndf 32 \\
+        --augment flip --diffaug color,translation,cutout    # the built-in icons need it: README
     python wgan.py --gp 10                             # WGAN-GP: a gradient penalty instead of clipping
     python wgan.py --data lld --gp 10 --epochs 20 --sample 50000 --zip 0860912_img    # the LLD hand-in
     python wgan.py --resume out/wgan-lld/checkpoint.pt --epochs 0 --sample 50000 --zip 0860912_img

@@ -421,3 +421,21 @@ def test_real_anime_faces(tmp_path):
                     im = im.resize((size, size), Image.Resampling.LANCZOS)
                 assert_images(x[i:i + 1], chw(np.asarray(im)[None]))
     assert len(cache_files(tmp_path)) == 2
+
+
+def test_native_size(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (48, 40)).save(folder / "2.png")
+    Image.new("RGB", (20, 20)).save(folder / "10.png")
+    assert data.native_size(folder) == 40  # the first in numeric order, its shorter side
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as archive:
+        archive.write(folder / "10.png", "imgs/10.png")
+    assert data.native_size(tmp_path / "imgs.zip") == 20
+    assert data.native_size("shapes") == 32
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        data.native_size(tmp_path / "empty")
+    (folder / "1.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="unreadable image"):
+        data.native_size(folder)

@@ -95,11 +95,12 @@ def test_command_line(tmp_path, capsys):
     for i, icon in enumerate(data.make_shapes(40, 32, seed=9), start=1):
         Image.fromarray(icon.transpose(1, 2, 0)).save(folder / f"{i}.png")
     out = tmp_path / "swd.json"
-    result = swd.main([str(folder), "shapes", "--image-size", "32", "--max-images", "40", "--patches", "8",
-                       "--json", str(out)])
+    # no --image-size: the samples' own 32x32 (not data.py's 64 for folders)
+    result = swd.main([str(folder), "shapes", "--max-images", "40", "--patches", "8", "--json", str(out)])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("SWD x 1e3: 32px ") and last.endswith("(40 vs 40 images)")
     saved = json.loads(out.read_text())
+    assert saved["image_size"] == 32 and set(saved["swd_x1e3"]) == {"32", "16", "average"}
     assert saved["count"] == 40 and saved["swd_x1e3"]["average"] == pytest.approx(result["average"])
     # the same folder against itself: identical images give a smaller distance than the
     # folder against a disjoint part of itself (--reference-offset), which is still small
