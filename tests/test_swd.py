@@ -118,3 +118,15 @@ def test_command_line_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit):
         swd.main(["shapes", "shapes", "--patches", "0"])
     assert "--patches must be at least 1" in capsys.readouterr().err
+
+
+def test_command_line_size_root_and_seed(tmp_path, capsys):
+    root = tmp_path / "root"
+    (root / "anime").mkdir(parents=True)
+    for i, icon in enumerate(data.make_shapes(12, 32, seed=4), start=1):
+        Image.fromarray(icon.transpose(1, 2, 0)).save(root / "anime" / f"{i}.png")
+    argv = ["anime", "shapes", "--data-root", str(root), "--image-size", "16", "--max-images", "12", "--patches", "4"]
+    first = swd.main(argv + ["--seed", "3"])
+    assert set(first) == {16, "average"}  # resized to 16x16: one pyramid level
+    assert swd.main(argv + ["--seed", "3"]) == first and swd.main(argv + ["--seed", "4"]) != first
+    assert "(12 vs 12 images)" in capsys.readouterr().out
