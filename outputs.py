@@ -13,6 +13,7 @@ Every file is written under a temporary name in its destination folder and renam
 complete, so a crash, Ctrl-C or a full disk never leaves a truncated file under the final name.
 """
 
+import argparse
 import csv
 import errno
 import io
@@ -83,6 +84,32 @@ def load_checkpoint(path, map_location="cpu"):
             "truncated, corrupt or not a checkpoint of this project. Use another checkpoint, or "
             "train without --resume."
         ) from error
+
+
+def resume_settings(parser, argv, args, must_match, per_command):
+    """--resume for a script's parser: load args.resume and take from its saved settings every
+    setting not given on this command line, except the per_command ones (they belong to this
+    invocation: --sample, --device, ...). A must_match setting given with another value than
+    the checkpoint's is a command-line error, as is an unreadable checkpoint. Returns it."""
+    try:
+        checkpoint = load_checkpoint(args.resume)
+    except CheckpointError as error:
+        parser.error(str(error))
+    # parse again over a namespace of markers: argparse then fills in no defaults, so what is
+    # still a marker was not on the command line
+    marker = object()
+    probe = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), marker)))
+    given = {key for key, value in vars(probe).items() if value is not marker}
+    saved = checkpoint["args"]
+    for key in must_match:
+        if key in given and getattr(args, key) != saved[key]:
+            flag = "--" + key.replace("_", "-")
+            parser.error(f"{args.resume} was trained with {flag} {saved[key]}, not {getattr(args, key)}: "
+                         f"leave {flag} out to use the checkpoint's, or train a new run without --resume")
+    for key, value in saved.items():
+        if key not in given and key not in per_command and hasattr(args, key):
+            setattr(args, key, value)
+    return checkpoint
 
 
 # -----------------------------------------------------------------------------

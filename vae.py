@@ -433,25 +433,8 @@ def run_sweep(args):
 def main(argv=None):
     args = parser.parse_args(argv)
     # resume: settings not given on this command line come from the checkpoint
-    checkpoint = None
+    checkpoint = outputs.resume_settings(parser, argv, args, MUST_MATCH, COMMAND_SETTINGS) if args.resume else None
     if args.resume:
-        try:
-            checkpoint = outputs.load_checkpoint(args.resume)
-        except outputs.CheckpointError as error:
-            parser.error(str(error))
-        # parse again over a namespace of markers: what is still a marker was not on the command line
-        marker = object()
-        given = {k for k, v in vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), marker)))).items()
-                 if v is not marker}
-        saved = checkpoint["args"]
-        for key in MUST_MATCH:
-            if key in given and getattr(args, key) != saved[key]:
-                flag = "--" + key.replace("_", "-")
-                parser.error(f"{args.resume} was trained with {flag} {saved[key]}, not {getattr(args, key)}: leave "
-                             f"{flag} out to use the checkpoint's, or train a new run without --resume")
-        for key, value in saved.items():
-            if key not in given and key not in COMMAND_SETTINGS and hasattr(args, key):
-                setattr(args, key, value)
         args.out = args.out or os.path.dirname(os.path.abspath(args.resume))
     args.out = args.out or os.path.join("out", f"vae-{os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]}")
     try:

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import data
 from augment import diff_augment, random_affine, random_diffaug, warp_batch
-from outputs import CurveLog, load_checkpoint, save_checkpoint, save_grid, to_uint8, write_samples
+from outputs import CurveLog, resume_settings, save_checkpoint, save_grid, to_uint8, write_samples
 
 SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
 
@@ -194,26 +194,7 @@ def parse_augment(spec):
 def main(argv=None):
     args = parser.parse_args(argv)
     # resume: settings not given on this command line come from the checkpoint
-    checkpoint = None
-    if args.resume:
-        try:
-            checkpoint = load_checkpoint(args.resume)
-        except RuntimeError as error:
-            parser.error(str(error))
-        # parse again into a namespace where everything is already set: argparse then fills in
-        # no defaults, so what is still `unset` was not given
-        unset = object()
-        probe = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
-        given = {key for key, value in vars(probe).items() if value is not unset}
-        saved = checkpoint["args"]
-        for key in MODEL_SETTINGS:
-            if key in given and getattr(args, key) is not None and getattr(args, key) != saved[key]:
-                flag = "--" + key.replace("_", "-")
-                parser.error(f"{args.resume} was trained with {flag} {saved[key]}, not {getattr(args, key)}: "
-                             f"leave {flag} out to use the checkpoint's, or train a new run without --resume")
-        for key, value in saved.items():
-            if key not in given and key not in COMMAND_SETTINGS and hasattr(args, key):
-                setattr(args, key, value)
+    checkpoint = resume_settings(parser, argv, args, MODEL_SETTINGS, COMMAND_SETTINGS) if args.resume else None
     args.lr_g = args.lr_g or (1e-4 if args.gp else 5e-5)
     args.lr_d = args.lr_d or (1e-4 if args.gp else 5e-5)
     args.out = args.out or os.path.join("out", f"{SCRIPT}-{os.path.basename(os.path.normpath(args.data))}")
