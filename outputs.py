@@ -13,7 +13,6 @@ Every file is written under a temporary name in its destination folder and renam
 complete, so a crash, Ctrl-C or a full disk never leaves a truncated file under the final name.
 """
 
-import argparse
 import csv
 import errno
 import io
@@ -84,32 +83,6 @@ def load_checkpoint(path, map_location="cpu"):
             "truncated, corrupt or not a checkpoint of this project. Use another checkpoint, or "
             "train without --resume."
         ) from error
-
-
-def resume_settings(parser, argv, args, must_match, per_command):
-    """--resume for a script's parser: load args.resume and take from its saved settings every
-    setting not given on this command line, except the per_command ones (they belong to this
-    invocation: --sample, --device, ...). A must_match setting given with another value than
-    the checkpoint's is a command-line error, as is an unreadable checkpoint. Returns it."""
-    try:
-        checkpoint = load_checkpoint(args.resume)
-    except CheckpointError as error:
-        parser.error(str(error))
-    # parse again over a namespace of markers: argparse then fills in no defaults, so what is
-    # still a marker was not on the command line
-    marker = object()
-    probe = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), marker)))
-    given = {key for key, value in vars(probe).items() if value is not marker}
-    saved = checkpoint["args"]
-    for key in must_match:
-        if key in given and getattr(args, key) != saved[key]:
-            flag = "--" + key.replace("_", "-")
-            parser.error(f"{args.resume} was trained with {flag} {saved[key]}, not {getattr(args, key)}: "
-                         f"leave {flag} out to use the checkpoint's, or train a new run without --resume")
-    for key, value in saved.items():
-        if key not in given and key not in per_command and hasattr(args, key):
-            setattr(args, key, value)
-    return checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -267,11 +240,12 @@ class CurveLog:
     step with a NaN or inf. save(folder) writes curves.csv (step, raw values, smoothed values)
     and curves.png (raw values faint, their moving average over `window` steps on top).
     groups: lists of names drawn on the same axes, e.g. [["loss_D", "loss_G"]]; the rest get
-    an axes each.
+    an axes each. reduce: a function applied to each fetched block on the device first.
     """
 
-    def __init__(self, every=20, window=100, groups=None):
+    def __init__(self, every=20, window=100, groups=None, reduce=None):
         self.every, self.window, self.groups = max(1, int(every)), max(1, int(window)), groups or []
+        self.reduce = reduce  # e.g. the mean over the processes of a torchrun run
         self.names, self.steps, self.rows = [], [], []  # rows: lists of floats, one per step
         self.nonfinite = None  # (step, name) of the first NaN/inf seen
         self._pending_steps, self._pending = [], []
@@ -290,7 +264,8 @@ class CurveLog:
         """Fetch what is pending (one host sync); return its means per name, or None if nothing."""
         if not self._pending:
             return None
-        block = torch.stack(self._pending).cpu()  # (steps, names): the one transfer
+        block = torch.stack(self._pending)  # (steps, names)
+        block = (self.reduce(block) if self.reduce else block).cpu()  # the one transfer
         steps = self._pending_steps
         self._pending_steps, self._pending = [], []
         finite = torch.isfinite(block)

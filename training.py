@@ -1,0 +1,464 @@
+"""What every training script needs besides its model, written once: the run's machinery.
+
+vae.py, dcgan.py, lsgan.py and wgan.py keep the lesson (the objective, the networks, the
+updates) and call this module in one line where something of the machinery happens:
+
+    add_run_flags(parser, ...)       the flags every script has: data, epochs, device, output, resume
+    run = Run(parser, argv, ...)     parse and check the command line, refuse what would lose a
+                                     run's files, resume settings from a checkpoint, set up the
+                                     device and seeds, and join the other processes under torchrun
+    run.load_images()                the dataset as one uint8 tensor (N, 3, S, S) on the device
+    run.wrap(module)                 torch.compile (--compile) and DistributedDataParallel (torchrun)
+    run.share(x)                     this process's part of a batch that every process drew whole
+    run.restore(...) / run.save(...) checkpoints: exact resume (weights, optimizers, random states)
+    run.log(step, loss=...)          curves, progress bar; True when the run must stop (Ctrl-C)
+    ema_update(G_ema, G, decay)      the moving average of G's weights that samples come from
+    parse_augment(spec)              --augment's value -> augment.random_affine's arguments
+
+Several processes (torchrun, DistributedDataParallel): every process draws the same random
+numbers for the whole --batch-size and keeps its share (run.share), so one process is exactly a
+plain `python` run, and a checkpoint has no rank in it. Process 0 (the global RANK) writes every
+file and prints every line; the losses are averaged over the processes before they are logged,
+so every process takes the same NaN and Ctrl-C decision at the same step.
+"""
+
+import argparse
+import contextlib
+import datetime
+import inspect
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import flags
+from outputs import CheckpointError, CurveLog, load_checkpoint, save_checkpoint, save_grid, write_samples
+
+# settings that belong to one command, never taken from a checkpoint
+PER_COMMAND = ["resume", "out", "sample", "zip", "force", "device", "compile", "sync_batchnorm"]
+
+
+def add_run_flags(parser, epochs, batch_size, what_samples="G's samples"):
+    """The flags shared by the four scripts, in three groups: data, run, output."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", default="shapes", help="shapes (built in), lld, anime, or a folder/file of images")
+    group.add_argument("--data-root", default=None, help="folder that holds the datasets; if not given: data.py's")
+    group.add_argument("--image-size", type=flags.positive_int, default=None,
+                       help="side of the images in pixels; if not given: the data's own, or the checkpoint's")
+    group.add_argument("--max-images", type=flags.positive_int, default=None,
+                       help="use only the first N images (quick runs); if not given: all")
+    group.add_argument("--augment", default="none",
+                       help="geometric augmentation of the real images: comma-separated flip[=probability 0.5], "
+                            "translate[=fraction 0.125], scale[=max zoom 1.25], rotate[=degrees 10], or none")
+    group = parser.add_argument_group("run")
+    group.add_argument("--epochs", type=flags.nonnegative_int, default=epochs,
+                       help="train until this many epochs are done in all (0: only sample)")
+    group.add_argument("--batch-size", type=flags.positive_int, default=batch_size,
+                       help="images per update, over all processes under torchrun")
+    group.add_argument("--seed", type=flags.seed, default=0, help="seed of every random draw (reproducible runs)")
+    group.add_argument("--device", type=flags.device, default="auto",
+                       help="auto (cuda if available), cpu, cuda, cuda:1, ... (torchrun: each process its own GPU)")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the networks (faster steps after a slow first one)")
+    group.add_argument("--sync-batchnorm", action="store_true",
+                       help="torchrun on GPUs: BatchNorm statistics over the whole batch, not each process's share")
+    group.add_argument("--log-every", type=flags.positive_int, default=20,
+                       help="steps between fetches of the losses (progress bar, curves, NaN check)")
+    group = parser.add_argument_group("output")
+    group.add_argument("--out", default=None,
+                       help="output folder; if not given: out/<script>-<data>, or with --resume its folder")
+    group.add_argument("--resume", default=None, metavar="CKPT",
+                       help="continue from this checkpoint; settings not given here come from it")
+    group.add_argument("--sample", type=flags.nonnegative_int, default=0, metavar="N",
+                       help=f"after training, write N of {what_samples} as <out>/samples/1.png ... N.png")
+    group.add_argument("--zip", default=None, metavar="NAME",
+                       help="with --sample: also write <out>/NAME.zip holding the folder NAME/ with the PNGs")
+    group.add_argument("--force", action="store_true",
+                       help="overwrite the samples (and zip) of an earlier run, or start a new run over an old one")
+
+
+def parse_augment(spec):
+    """'flip,translate=0.1' -> keyword arguments of augment.random_affine; 'none' -> the identity."""
+    defaults = {"flip": 0.5, "translate": 0.125, "scale": 1.25, "rotate": 10.0}
+    ranges = {"flip": (0, 1, "a probability from 0 to 1"), "translate": (0, 1, "a fraction from 0 to 1"),
+              "scale": (1, 4, "a zoom from 1 to 4"), "rotate": (0, 180, "degrees from 0 to 180")}
+    kwargs = {"flip": 0.0}
+    for item in spec.split(","):
+        name, _, value = item.strip().partition("=")
+        if name in ("", "none"):
+            continue
+        if name not in defaults:
+            raise ValueError(f"--augment: unknown {name!r}; use flip, translate, scale, rotate or none")
+        try:
+            kwargs[name] = float(value) if value else defaults[name]
+        except ValueError:
+            raise ValueError(f"--augment: {name}={value!r} is not a number") from None
+        low, high, meaning = ranges[name]
+        if not low <= kwargs[name] <= high:
+            raise ValueError(f"--augment: {name}={value} is out of range: give {meaning}")
+    if "scale" in kwargs:
+        kwargs["scale"] = (1.0, kwargs["scale"])  # zoom in by up to this factor: a random crop
+    return kwargs
+
+
+def ema_update(G_ema, G, decay, step):
+    """ema = d * ema + (1 - d) * G after each G update, with d = min(decay, (1 + step) / (10 + step)):
+    small at first, so that early samples are not the random initialization. Samples from the
+    average are smoother than from G itself, whose weights chase a moving opponent."""
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+            p_ema.lerp_(p, 1 - d)
+
+
+def _torchrun():
+    """(rank, local rank, world size) when started by torchrun, else None."""
+    if "WORLD_SIZE" not in os.environ and "RANK" not in os.environ:
+        return None
+    try:
+        return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        raise SystemExit("RANK, LOCAL_RANK and WORLD_SIZE must all be set, as torchrun sets them: start several "
+                         "processes with torchrun --nproc-per-node N SCRIPT.py ..., one with plain python")
+
+
+class Run:
+    """One training run: its settings (args), device, processes, checkpoint, curves and files."""
+
+    def __init__(self, parser, argv, script, must_match, curve_groups=None):
+        self.parser, self.script = parser, script
+        args = self.args = parser.parse_args(argv)
+        self.checkpoint = self._resume_settings(argv, must_match) if args.resume else None
+        self.error = parser.error
+        if not args.resume and args.epochs == 0:
+            self.error("--epochs 0 trains nothing: give --resume CKPT to sample a trained run, or --epochs N")
+        if args.zip is not None and not args.sample:
+            self.error("--zip NAME needs --sample N")
+        try:
+            self.augment = parse_augment(args.augment)
+        except ValueError as error:
+            self.error(str(error))
+
+        # where the files go: --out, else the checkpoint's own folder, else out/<script>-<data>
+        if args.out is None:
+            args.out = (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
+                        os.path.join("out", f"{script}-{os.path.basename(os.path.normpath(args.data))}"))
+        self.ckpt_path = os.path.join(args.out, "checkpoint.pt")
+        self.samples_dir = os.path.join(args.out, "samples")
+        self._check_outputs()
+
+        # processes and device: torchrun starts one process per GPU (or several on the CPU)
+        self.rank, self.world = 0, 1
+        launched = _torchrun()
+        if launched:
+            self.rank, local_rank, self.world = launched
+        self.main = self.rank == 0
+        try:
+            device = flags.resolve_device(args.device)
+        except ValueError as error:
+            self.error(str(error))
+        if launched:
+            device = self._join(device, local_rank)
+        self.device = device
+        if args.batch_size % self.world:
+            self.error(f"--batch-size {args.batch_size} is the batch of all {self.world} processes: "
+                       f"give a multiple of {self.world}")
+        if args.sync_batchnorm and (device.type != "cuda" or self.world == 1):
+            self.error("--sync-batchnorm needs torchrun with several processes on CUDA GPUs "
+                       "(PyTorch's SyncBatchNorm has no CPU version)")
+        self.start_epoch = self.checkpoint["epoch"] if self.checkpoint else 0
+        self.training = self.start_epoch < args.epochs
+
+        torch.manual_seed(args.seed)  # the same seed in every process: the same random numbers
+        # bf16 autocast on the GPU (float32's range, so no loss scaling, unlike fp16); fp32 on the CPU
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                         else contextlib.nullcontext())
+        self.image_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.augment_gen = torch.Generator().manual_seed(args.seed)  # every augmentation parameter
+        self.curves = CurveLog(every=args.log_every, groups=curve_groups,
+                               reduce=self._average if self.world > 1 else None)  # the mean over the processes
+        self._stop, self._saved, self._bar, self._handlers = [], None, None, {}
+
+    # -------------------------------------------------------------------------
+    # the command line
+
+    def _resume_settings(self, argv, must_match):
+        """Load --resume, refuse a checkpoint of another script or another model, and take from it
+        every setting not given on this command line (except the PER_COMMAND ones)."""
+        args = self.args
+        if os.path.isdir(args.resume):
+            self.parser.error(f"--resume {args.resume} is a folder: give its checkpoint, "
+                              f"{os.path.join(args.resume, 'checkpoint.pt')}")
+        try:
+            checkpoint = load_checkpoint(args.resume)
+        except CheckpointError as error:
+            self.parser.error(str(error))
+        writer = checkpoint.get("script") if isinstance(checkpoint, dict) else None
+        if writer != self.script or not isinstance(checkpoint.get("args"), dict):
+            who = f"{writer}.py" if writer else "an older version of this project or another program"
+            self.parser.error(f"--resume {args.resume} was written by {who}, not {self.script}.py: resume it with "
+                              f"{writer + '.py' if writer else 'that program'}, or train a new run without --resume")
+        # parse again over a namespace of markers: argparse then fills in no defaults, so what is
+        # still a marker was not on the command line
+        marker = object()
+        probe = self.parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), marker)))
+        given = {key for key, value in vars(probe).items() if value is not marker}
+        saved = checkpoint["args"]
+        for key in must_match:
+            if key in given and getattr(args, key) != saved.get(key):
+                flag = "--" + key.replace("_", "-")
+                self.parser.error(f"{args.resume} was trained with {flag} {saved.get(key)}, not {getattr(args, key)}: "
+                                  f"leave {flag} out to use the checkpoint's, or train a new run without --resume")
+        for key, value in saved.items():
+            if key not in given and key not in PER_COMMAND and hasattr(args, key):
+                setattr(args, key, value)
+        return checkpoint
+
+    def _check_outputs(self):
+        """Refuse now, before any work, what would fail or destroy another run's files later."""
+        args = self.args
+        try:
+            flags.check_output_folder(args.out)
+        except ValueError as error:
+            self.error(str(error))
+        resuming_here = args.resume and os.path.abspath(args.resume) == os.path.abspath(self.ckpt_path)
+        if os.path.exists(self.ckpt_path) and not resuming_here and not args.force:
+            self.error(f"{args.out} holds a run ({self.ckpt_path}): pass --resume {self.ckpt_path} to continue "
+                       "or sample it, --force to replace it, or choose another --out")
+        if args.sample and os.path.isdir(self.samples_dir) and os.listdir(self.samples_dir) and not args.force:
+            self.error(f"{self.samples_dir} is not empty: pass --force to overwrite it, or choose another --out")
+        if args.zip is not None:
+            name = args.zip.removesuffix(".zip")
+            if not name or name in (".", "..") or "/" in name or os.sep in name:
+                self.error(f"--zip wants a plain name such as 0860912_img, got {args.zip!r}")
+            if os.path.exists(os.path.join(args.out, name + ".zip")) and not args.force:
+                self.error(f"{os.path.join(args.out, name + '.zip')} exists: pass --force to overwrite it, "
+                           "or choose another --out or --zip")
+
+    # -------------------------------------------------------------------------
+    # processes: torchrun and DistributedDataParallel
+
+    def _join(self, device, local_rank):
+        """Join the process group torchrun set up: NCCL between GPUs, gloo between CPU processes."""
+        if device.type == "cuda":
+            if self.args.device not in ("auto", "cuda"):
+                self.error(f"--device {self.args.device}: under torchrun each process takes cuda:LOCAL_RANK; "
+                           "pass --device cuda (or leave it out)")
+            if local_rank >= torch.cuda.device_count():
+                self.error(f"process {self.rank} has LOCAL_RANK {local_rank}, but this machine has "
+                           f"{torch.cuda.device_count()} GPU(s): give torchrun --nproc-per-node "
+                           f"{torch.cuda.device_count()} or fewer")
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=10))
+        except Exception as error:
+            raise SystemExit(f"{self.script}: process {self.rank} could not reach the others ({error}). Check that "
+                             "every machine was started with the same --nnodes, --master-addr and --master-port, "
+                             "that the master's port is open between the machines, and that one --node-rank is 0")
+        return device
+
+    def wrap(self, module):
+        """The module the training steps call: torch.compile'd with --compile, and under torchrun
+        wrapped in DistributedDataParallel (which averages the gradients over the processes in
+        backward()). Checkpoints save the plain module: a wrapper prefixes every key."""
+        if self.world > 1 or _torchrun():
+            if self.args.sync_batchnorm:
+                module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            # broadcast_buffers=False: BatchNorm's running statistics stay each process's own (the
+            # training steps use batch statistics anyway); broadcasting them at every forward
+            # breaks two forwards of D before one backward on torch 2.6+ (pytorch/pytorch#175024)
+            ddp = torch.nn.parallel.DistributedDataParallel
+            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                       else {"broadcast_buffers": False})  # the name since torch 2.13
+            module = ddp(module, device_ids=[self.device] if self.device.type == "cuda" else None, **no_sync)
+        return torch.compile(module) if self.args.compile else module
+
+    def share(self, batch):
+        """This process's part of a batch drawn whole (B, ...) -> (B / processes, ...); a tuple of
+        such batches (augment.DiffAugParams) part by part. One process: the batch itself."""
+        if self.world == 1:
+            return batch
+        if isinstance(batch, tuple):
+            return type(batch)(*(self.share(part) for part in batch))
+        size = len(batch) // self.world
+        return batch[self.rank * size:(self.rank + 1) * size]
+
+    def _average(self, values):
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values / self.world
+
+    def _check_in_sync(self, modules):
+        """Under torchrun: every process must hold the same weights; stop if they drifted apart."""
+        if self.world == 1:
+            return
+        for name, module in modules.items():
+            if not isinstance(module, torch.nn.Module):
+                continue
+            flat = torch.cat([p.detach().float().flatten() for p in module.parameters()])
+            low, high = flat.clone(), flat.clone()
+            dist.all_reduce(low, op=dist.ReduceOp.MIN)
+            dist.all_reduce(high, op=dist.ReduceOp.MAX)
+            if not torch.equal(low, high):
+                raise SystemExit(f"{self.script}: the weights of {name} differ between the processes "
+                                 "(they drifted apart): this is a bug, please report it")
+
+    # -------------------------------------------------------------------------
+    # data
+
+    def load_images(self):
+        """The dataset as one uint8 tensor (N, 3, S, S) on the device; sets --image-size if not given."""
+        args = self.args
+        try:
+            bank = data.load_images(args.data, root=args.data_root, size=args.image_size)
+        except (FileNotFoundError, ValueError, OSError) as error:  # unknown name, missing or unreadable files
+            self.error(str(error))
+        bank = bank[: args.max_images].contiguous() if args.max_images else bank
+        args.image_size = args.image_size or bank.shape[-1]
+        return bank.to(self.device)
+
+    # -------------------------------------------------------------------------
+    # checkpoints
+
+    def restore(self, **state):
+        """Resume: load each named module / optimizer / tensor from the checkpoint (None: skipped),
+        and the random states and curves. Returns the checkpoint (position fields: step, epoch, ...).
+        An optimizer keeps this command's learning rate, so a resume can change it."""
+        checkpoint = self.checkpoint
+        for name, value in state.items():
+            if value is None:
+                continue
+            if isinstance(value, torch.optim.Optimizer):
+                lrs = [group["lr"] for group in value.param_groups]
+                value.load_state_dict(checkpoint[name])
+                for group, lr in zip(value.param_groups, lrs):
+                    group["lr"] = lr
+            elif isinstance(value, torch.nn.Module):
+                value.load_state_dict(checkpoint[name])
+            else:
+                value.copy_(checkpoint[name])
+        torch.set_rng_state(checkpoint["rng"]["cpu"])
+        if self.device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], self.device)
+        self.augment_gen.set_state(checkpoint["rng"]["augment"])
+        self.curves.load_state_dict(checkpoint["curves"])
+        self.print(f"resumed {self.args.resume}: epoch {checkpoint['epoch']}, step {checkpoint['step']}")
+        return checkpoint
+
+    def save(self, position, **state):
+        """Write the checkpoint (process 0, atomically) and the curves, unless a loss went NaN or
+        infinite since the last fetch: then the last good checkpoint stays as it is."""
+        self.curves.flush()
+        self._stop_if_nonfinite()
+        self._check_in_sync(state)
+        if self.main:
+            saved = {name: value.state_dict() if hasattr(value, "state_dict") else value
+                     for name, value in state.items()}
+            rng = {"cpu": torch.get_rng_state(), "augment": self.augment_gen.get_state(),
+                   "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+            save_checkpoint(dict(saved, **position, script=self.script, args=vars(self.args), rng=rng,
+                                 curves=self.curves.state_dict()), self.ckpt_path)
+            self.save_curves()
+        self._saved = position["step"]
+
+    def save_curves(self):
+        if self.main:
+            self.curves.save(self.args.out, title=f"{self.script} on {self.args.data}")
+
+    def save_grid(self, images, epoch, step):
+        """grid.png and grids/epoch-E-step-S.png (process 0)."""
+        if self.main:
+            save_grid(images, os.path.join(self.args.out, "grids", f"epoch-{epoch:04d}-step-{step}.png"))
+            save_grid(images, os.path.join(self.args.out, "grid.png"))
+
+    # -------------------------------------------------------------------------
+    # the loop: progress, curves, NaN and Ctrl-C
+
+    def start(self, total_steps, done_steps, images_per_step):
+        """Before the first step: the progress bar, and Ctrl-C (or SIGTERM) -> stop after this step."""
+        self._images_per_step = images_per_step
+        self._bar = tqdm(total=total_steps * images_per_step, initial=done_steps * images_per_step, unit="img",
+                         unit_scale=True, dynamic_ncols=True, disable=not (self.main and self.training))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._handlers[sig] = signal.signal(sig, self._request_stop)
+
+    def _request_stop(self, signum, frame):
+        if self._stop and self.world == 1 and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: quit at once, without a checkpoint
+        if not self._stop:
+            self.write("Ctrl-C: saving a checkpoint and stopping" + (" (press again to quit without one)"
+                       if self.world == 1 else " at the next --log-every step, in every process"))
+        # under torchrun the launcher forwards the terminal's Ctrl-C: a second one is not a second press
+        self._stop.append(signum)
+
+    def log(self, step, epoch, **values):
+        """Record this step's losses (0-dim tensors, left on the device); every --log-every steps
+        fetch them (averaged over the processes), update the progress bar and stop on a NaN.
+        Returns True when the run must stop now: after Ctrl-C; under torchrun every process
+        decides at the same --log-every step."""
+        shown = self.curves.append(step, **values)
+        if shown:
+            self._stop_if_nonfinite()
+            self._bar.update(step * self._images_per_step - self._bar.n)
+            self._bar.set_postfix_str(f"epoch {epoch + 1} " + " ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+        if self.world == 1:
+            return bool(self._stop)
+        if not shown:
+            return False
+        stop = torch.tensor([float(bool(self._stop))], device=self.device)
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        return stop.item() > 0
+
+    def _stop_if_nonfinite(self):
+        if self.curves.nonfinite:
+            bad_step, name = self.curves.nonfinite
+            self.save_curves()
+            kept = (f"the last good checkpoint, {self.ckpt_path} (step {self._saved}), is kept: lower --lr and "
+                    f"resume from it" if self._saved is not None else
+                    f"the checkpoint it resumed from, {self.args.resume}, is unchanged: lower --lr and resume "
+                    f"from it" if self.args.resume else "no checkpoint had been written yet: lower --lr")
+            self.finish()
+            raise SystemExit(f"{self.script}: {name} is NaN or infinite at step {bad_step}: stopping; {kept}.")
+
+    def stopped(self, step):
+        """After Ctrl-C: say how to go on, and end."""
+        self.print(f"stopped at step {step}; continue with: python {self.script}.py --resume {self.ckpt_path}")
+        self.finish()
+
+    def finish(self):
+        """Close the progress bar, give the signal handlers back, leave the process group."""
+        if self._bar is not None:
+            self._bar.close()
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
+        self._handlers = {}
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+    # -------------------------------------------------------------------------
+    # printing and samples: process 0 only
+
+    def print(self, text):
+        if self.main:
+            print(text, flush=True)
+
+    def write(self, text):
+        """Print above the progress bar."""
+        if self.main:
+            tqdm.write(text)
+
+    def write_samples(self, generate):
+        """--sample N: samples/1.png ... N.png (and --zip NAME.zip) from generate(count), which
+        returns a batch of at most count images. Process 0 alone writes them, the same files
+        whatever the number of processes."""
+        args = self.args
+        if not args.sample or not self.main:
+            return
+        folder, zip_path = write_samples(generate, args.sample, self.samples_dir, force=args.force, zip_name=args.zip)
+        size = args.image_size
+        print(f"wrote {args.sample} samples ({size}x{size} RGB) to {folder}" + (f" and {zip_path}" if zip_path else ""))
+
