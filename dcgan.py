@@ -1,7 +1,6 @@
 """DCGAN: the original GAN objective on deep convolutional networks (Radford et al. 2015).
 
     python dcgan.py                                  # the built-in icons, 32x32 (README: what it gives)
-    python dcgan.py --data anime --image-size 64 --epochs 100       # anime faces, 64x64
     torchrun --standalone --nproc-per-node 8 dcgan.py --data lld --epochs 20 --sample 50000   # 8 GPUs
 
 A generator G turns noise z ~ N(0, I) into an image; a discriminator D outputs a logit l and
@@ -10,11 +9,11 @@ D(x) = sigmoid(l), its probability that x is a real image. They play (Goodfellow
     D:  max  E_x log D(x) + E_z log(1 - D(G(z)))
     G:  min  -E_z log D(G(z))          (--g-loss saturating: min E_z log(1 - D(G(z))), the original)
 
-Everything goes to --out (default out/dcgan-<data>/): grid.png (64 samples from fixed noise,
+Everything goes to --out (default out/<script>-<data>/): grid.png (64 samples from fixed noise,
 every epoch; grids/ keeps them all), curves.csv and curves.png (the losses), checkpoint.pt
 (every epoch and on Ctrl-C: --resume continues it exactly), and with --sample N the images
-samples/1.png ... N.png (and NAME.zip with --zip NAME). `diff dcgan.py lsgan.py` and
-`diff dcgan.py wgan.py` show what the other objectives change; README: results and commands.
+samples/1.png ... N.png (and NAME.zip with --zip NAME). `diff dcgan.py lsgan.py` (or wgan.py)
+shows what another objective changes. README: results, and the commands that made them.
 """
 
 import argparse
@@ -93,7 +92,7 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """images (B, 3, S, S) -> one logit per image (B,). Shapes at the default 32x32, ndf 64:
+    """images (B, 3, S, S) -> one number per image (B,). Shapes at the default 32x32, ndf 64:
     (B, 3, 32, 32) -> (B, 64, 16, 16) -> (B, 128, 8, 8) -> (B, 256, 4, 4) -> (B,)"""
 
     def __init__(self, image_size, ndf):
@@ -140,7 +139,7 @@ def bce(logits, target):
 
 def main(argv=None):
     # the command line, checked before any work; the processes under torchrun; the device; the seed
-    run = training.Run(parser, argv, "dcgan", MUST_MATCH, curve_groups=[["loss_D", "loss_G"], ["D_x", "D_G_z"]])
+    run = training.Run(parser, argv, __file__, MUST_MATCH, curve_groups=[["loss_D", "loss_G"], ["D_x", "D_G_z"]])
     args, device = run.args, run.device
     try:
         random_diffaug(1, 8, 8, "" if args.diffaug == "none" else args.diffaug)  # an unknown policy raises
@@ -206,7 +205,8 @@ def main(argv=None):
                 with run.autocast:
                     with torch.no_grad():
                         fake = G_train(z)  # the D step does not train G: no graph through G
-                    d_real, d_fake = D_train(augment(real)), D_train(augment(fake))
+                    real, fake = augment(real), augment(fake)
+                    d_real, d_fake = D_train(real), D_train(fake)
                     loss_d = bce(d_real, 1.0) + bce(d_fake, 0.0)
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()

@@ -128,8 +128,9 @@ def _torchrun():
 class Run:
     """One training run: its settings (args), device, processes, checkpoint, curves and files."""
 
-    def __init__(self, parser, argv, script, must_match, curve_groups=None):
-        self.parser, self.script = parser, script
+    def __init__(self, parser, argv, script_file, must_match, curve_groups=None):
+        script = self.script = os.path.splitext(os.path.basename(script_file))[0]  # dcgan, ...
+        self.parser = parser
         args = self.args = parser.parse_args(argv)
         self.checkpoint = self._resume_settings(argv, must_match) if args.resume else None
         self.error = parser.error
@@ -274,7 +275,7 @@ class Run:
             # breaks two forwards of D before one backward on torch 2.6+ (pytorch/pytorch#175024)
             ddp = torch.nn.parallel.DistributedDataParallel
             no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                       else {"broadcast_buffers": False})  # the name since torch 2.13
+                       else {"broadcast_buffers": False})  # its newer name (torch 2.13 warns on the old)
             module = ddp(module, device_ids=[self.device] if self.device.type == "cuda" else None, **no_sync)
         return torch.compile(module) if self.args.compile else module
 
