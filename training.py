@@ -41,7 +41,7 @@ from outputs import CheckpointError, CurveLog, load_checkpoint, save_checkpoint,
 PER_COMMAND = ["resume", "out", "sample", "zip", "force", "device", "compile", "sync_batchnorm"]
 
 
-def add_run_flags(parser, epochs, batch_size, what_samples="G's samples"):
+def add_run_flags(parser, epochs, batch_size, augment="none", what_samples="G's samples"):
     """The flags shared by the four scripts, in three groups: data, run, output."""
     group = parser.add_argument_group("data")
     group.add_argument("--data", default="shapes", help="shapes (built in), lld, anime, or a folder/file of images")
@@ -50,7 +50,7 @@ def add_run_flags(parser, epochs, batch_size, what_samples="G's samples"):
                        help="side of the images in pixels; if not given: the data's own, or the checkpoint's")
     group.add_argument("--max-images", type=flags.positive_int, default=None,
                        help="use only the first N images (quick runs); if not given: all")
-    group.add_argument("--augment", default="none",
+    group.add_argument("--augment", default=augment,
                        help="geometric augmentation of the real images: comma-separated flip[=probability 0.5], "
                             "translate[=fraction 0.125], scale[=max zoom 1.25], rotate[=degrees 10], or none")
     group = parser.add_argument_group("run")
@@ -356,15 +356,26 @@ class Run:
         self.curves.flush()
         self._stop_if_nonfinite()
         self._check_in_sync(state)
+        saved = {name: self._state_dict(value) for name, value in state.items()}  # in every process
         if self.main:
-            saved = {name: value.state_dict() if hasattr(value, "state_dict") else value
-                     for name, value in state.items()}
             rng = {"cpu": torch.get_rng_state(), "augment": self.augment_gen.get_state(),
                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
             save_checkpoint(dict(saved, **position, script=self.script, args=vars(self.args), rng=rng,
                                  curves=self.curves.state_dict()), self.ckpt_path)
             self.save_curves()
         self._saved = position["step"]
+
+    def _state_dict(self, value):
+        """What a checkpoint keeps of a module, optimizer or tensor. Under torchrun, BatchNorm's
+        running statistics are each process's own: the checkpoint holds their mean."""
+        if not hasattr(value, "state_dict"):
+            return value
+        state = value.state_dict()
+        if self.world > 1 and isinstance(value, torch.nn.Module):
+            for name, buffer in value.named_buffers():
+                if buffer.is_floating_point():
+                    state[name] = self._average(buffer.detach().clone())
+        return state
 
     def save_curves(self):
         if self.main:
