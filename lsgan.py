@@ -237,6 +237,9 @@ def main(argv=None):
     run.finish()
 
     # samples from the averaged G, in fp32 (bf16 keeps 8 bits of mantissa: a grey level of error)
+    if not run.training:  # sampling a finished run (maybe into a new --out): its grid too
+        with torch.no_grad():
+            run.save_grid(G_ema(fixed_z))
     sample_gen = torch.Generator().manual_seed(args.seed + 1)
 
     def generate(count):

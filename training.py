@@ -381,10 +381,11 @@ class Run:
         if self.main:
             self.curves.save(self.args.out, title=f"{self.script} on {self.args.data}")
 
-    def save_grid(self, images, epoch, step):
-        """grid.png and grids/epoch-E-step-S.png (process 0)."""
+    def save_grid(self, images, epoch=None, step=None):
+        """grid.png, and a copy grids/epoch-E-step-S.png when given the epoch (process 0)."""
         if self.main:
-            save_grid(images, os.path.join(self.args.out, "grids", f"epoch-{epoch:04d}-step-{step}.png"))
+            if epoch is not None:
+                save_grid(images, os.path.join(self.args.out, "grids", f"epoch-{epoch:04d}-step-{step}.png"))
             save_grid(images, os.path.join(self.args.out, "grid.png"))
 
     # -------------------------------------------------------------------------

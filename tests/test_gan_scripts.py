@@ -19,6 +19,7 @@ import data
 import dcgan
 import lsgan
 import outputs
+import training
 import wgan
 
 SCRIPTS = {"dcgan": dcgan, "lsgan": lsgan, "wgan": wgan}
@@ -94,7 +95,7 @@ def test_help_lists_every_common_flag_with_its_default(script, capsys):
                  "--augment", "--diffaug", "--max-images", "--force", "--ema", "--log-every", "--d-steps"]:
         assert flag in text
     assert "(default: shapes)" in text and "(default: 100)" in text
-    assert "README) (default: none)" in text  # --augment and --diffaug: off, as measured best
+    assert text.count("or none (default: none)") == 2  # --augment and --diffaug: off, as measured best
 
 
 @pytest.mark.parametrize("script,flags", [("dcgan", []), ("lsgan", []), ("wgan", []), ("wgan", ["--gp", 10])],
@@ -314,7 +315,7 @@ def test_flags_reach_the_training_loop(tmp_path, monkeypatch):
     real_affine, real_diffaug = dcgan.random_affine, dcgan.random_diffaug
     monkeypatch.setattr(dcgan, "random_affine", lambda *a, **k: seen["affine"].append(k) or real_affine(*a, **k))
     monkeypatch.setattr(dcgan, "random_diffaug", lambda *a, **k: seen["diffaug"].append(a) or real_diffaug(*a, **k))
-    monkeypatch.setattr(dcgan, "CurveLog", lambda every, **k: seen.update(every=every) or outputs.CurveLog(every, **k))
+    monkeypatch.setattr(training, "CurveLog", lambda every, **k: seen.update(every=every) or outputs.CurveLog(every, **k))
     monkeypatch.setattr(data, "load_images", lambda name, root=None, size=None: seen["load"].append(root) or _cached_load(name, None, size))
     folder = run("dcgan", tmp_path, "--epochs", 1, "--augment", "flip,translate=0.1,scale=1.2,rotate=15",
                  "--diffaug", "translation", "--g-loss", "saturating", "--d-steps", 2, "--ema", 0,
@@ -372,7 +373,8 @@ def test_default_out_folder_is_under_out(tmp_path, monkeypatch):
     (["--augment", "wobble"], "--augment: unknown 'wobble'"),
     (["--diffaug", "sparkle"], "sparkle"),
     (["--zip", "x"], "--zip NAME needs --sample N"),
-    (["--image-size", 30], "--image-size must be a multiple of 4"),
+    (["--image-size", 30], "--image-size 30: give 3, 4 or 5 times a power of 2"),
+    (["--image-size", 8], "--image-size 8: give 3, 4 or 5 times a power of 2 of at least 4"),
     (["--batch-size", 100], "more than the 64 images"),
     pytest.param(["--device", "cuda"], "no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
 ])
