@@ -1,0 +1,146 @@
+"""Bad input to dcgan.py, lsgan.py and wgan.py: refused before any work, naming the flag or file,
+with argparse's exit status 2 and no traceback, and no file of another run changed.
+
+The runs are the tiny in-process ones of test_gan_scripts.py (a few dozen built-in icons).
+"""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from test_gan_scripts import SCRIPTS, TINY, ckpt, quick, run  # noqa: F401 (quick: the autouse fixture)
+
+
+def refused(capsys, script, argv):
+    """Run the script with argv; it must stop with a usage error. Returns the message."""
+    with pytest.raises(SystemExit) as exit_info:
+        SCRIPTS[script].main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def snapshot(folder):
+    """Every file under folder with its bytes: to prove that nothing changed."""
+    return {os.path.join(d, f): open(os.path.join(d, f), "rb").read() for d, _, files in os.walk(folder) for f in files}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 1-epoch dcgan run."""
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        import data
+        from test_gan_scripts import _cached_load
+        mp.setattr(data, "load_images", lambda name, root=None, size=None: _cached_load(name, root, size))
+        return run("dcgan", tmp_path_factory.mktemp("finished"), "--epochs", 1)
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--batch-size", 0], "--batch-size"), (["--batch-size", -5], "--batch-size"),
+    (["--d-steps", 0], "--d-steps"), (["--d-steps", -2], "--d-steps"),
+    (["--nz", 0], "--nz"), (["--ngf", 0], "--ngf"), (["--ndf", -3], "--ndf"),
+    (["--lr-g", -1], "--lr-g"), (["--lr-d", "nan"], "--lr-d"), (["--lr-g", "inf"], "--lr-g"),
+    (["--seed", 2 ** 64], "--seed"), (["--seed", -1], "--seed"),
+    (["--device", "xyz"], "--device"), (["--device", "meta"], "--device"),
+    (["--max-images", 0], "--max-images"), (["--max-images", -3], "--max-images"),
+    (["--epochs", -1], "--epochs"), (["--ema", 1.5], "--ema"), (["--ema", -0.1], "--ema"), (["--ema", "nan"], "--ema"),
+    (["--log-every", 0], "--log-every"), (["--image-size", 0], "--image-size"), (["--image-size", -32], "--image-size"),
+    (["--sample", -1], "--sample"),
+    (["--augment", "flip=2"], "--augment: flip=2"), (["--augment", "flip=-1"], "--augment: flip=-1"),
+    (["--augment", "translate=5"], "--augment: translate=5"), (["--augment", "scale=0"], "--augment: scale=0"),
+    (["--augment", "rotate=abc"], "--augment: rotate='abc'"),
+    (["--zip", "a/b", "--sample", 2], "--zip"), (["--zip", "..", "--sample", 2], "--zip"),
+    (["--zip", ".zip", "--sample", 2], "--zip"),
+])
+def test_nonsense_flags_are_usage_errors(flags, named, tmp_path, capsys):
+    assert named in refused(capsys, "dcgan", TINY + ["--out", tmp_path / "run", "--epochs", 1] + flags)
+    assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--clip", 0], "--clip"), (["--clip", -0.01], "--clip"), (["--gp", -1], "--gp"), (["--lr-g", 0], "--lr-g"),
+])
+def test_wgan_nonsense_is_refused(flags, named, tmp_path, capsys):
+    assert named in refused(capsys, "wgan", TINY + ["--out", tmp_path / "run", "--epochs", 1] + flags)
+
+
+def test_forgetting_resume_does_not_overwrite_a_run(finished, capsys):
+    before = snapshot(finished)
+    message = refused(capsys, "dcgan", ["--epochs", 0, "--sample", 5, "--out", finished])
+    assert "--resume" in message and "--force" in message
+    message = refused(capsys, "dcgan", TINY + ["--epochs", 1, "--out", finished])
+    assert "--resume" in message
+    assert snapshot(finished) == before
+
+
+def test_epochs_0_without_a_checkpoint_is_refused(tmp_path, capsys):
+    assert "--epochs 0" in refused(capsys, "dcgan", ["--epochs", 0, "--sample", 5, "--out", tmp_path / "new"])
+    assert not os.path.exists(tmp_path / "new")
+
+
+@pytest.mark.parametrize("script", ["lsgan", "wgan"])
+def test_checkpoint_of_another_script_is_refused_naming_the_writer(script, finished, capsys):
+    before = snapshot(finished)
+    message = refused(capsys, script, ["--resume", os.path.join(finished, "checkpoint.pt"), "--epochs", 2])
+    assert "dcgan.py" in message and f"not {script}.py" in message
+    assert snapshot(finished) == before
+
+
+def test_checkpoint_without_identity_is_refused(finished, tmp_path, capsys):
+    state = ckpt(finished)
+    del state["script"]
+    torch.save(state, tmp_path / "old.pt")
+    assert "older version" in refused(capsys, "dcgan", ["--resume", tmp_path / "old.pt", "--epochs", 2])
+
+
+def test_a_moved_run_resumes_where_its_checkpoint_is(finished, tmp_path):
+    moved = str(tmp_path / "renamed")
+    shutil.copytree(finished, moved)
+    before = snapshot(finished)
+    SCRIPTS["dcgan"].main(["--resume", os.path.join(moved, "checkpoint.pt"), "--epochs", "2"])
+    assert ckpt(moved)["epoch"] == 2 and snapshot(finished) == before
+
+
+def test_resume_into_another_runs_folder_needs_force(finished, tmp_path, capsys):
+    other = run("dcgan", tmp_path, "--epochs", 1, "--seed", 5, out="other")
+    before = snapshot(other)
+    message = refused(capsys, "dcgan", ["--resume", os.path.join(finished, "checkpoint.pt"), "--epochs", 2,
+                                        "--out", other])
+    assert "holds a run" in message and "--force" in message
+    assert snapshot(other) == before
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    import data
+    monkeypatch.setattr(data, "load_images", lambda *a, **k: pytest.fail("the data must not be loaded"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert "is a file" in refused(capsys, "dcgan", TINY + ["--epochs", 1, "--out", a_file])
+    assert "is a file" in refused(capsys, "dcgan", TINY + ["--epochs", 1, "--out", a_file / "run"])
+    assert a_file.read_text() == "x"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_read_only_out_is_refused_before_any_work(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert "not writable" in refused(capsys, "dcgan", TINY + ["--epochs", 1, "--out", locked / "run"])
+
+
+def test_resume_of_a_folder_names_the_checkpoint(finished, capsys):
+    message = refused(capsys, "dcgan", ["--resume", finished])
+    assert "is a folder" in message and os.path.join(finished, "checkpoint.pt") in message
+
+
+def test_nan_before_any_checkpoint_does_not_advise_resuming(tmp_path, monkeypatch):
+    import dcgan
+    real = dcgan.warp_batch
+    monkeypatch.setattr(dcgan, "warp_batch", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(SystemExit) as exit_info:
+        run("dcgan", tmp_path, "--epochs", 1)
+    message = str(exit_info.value.code)
+    assert "no checkpoint had been written yet" in message and "resume" not in message
