@@ -205,7 +205,7 @@ def test_any_size_centre_cropped_resized_upright(tmp_path):
     assert x.shape == (5, 3, 24, 24)
     for img in x:
         assert_quadrants(img)
-    assert load(tmp_path).shape == (5, 3, 64, 64)  # size None: 64
+    assert load(tmp_path).shape == (5, 3, 80, 80)  # size None: the first image's own shorter side, 0.jpg's
 
 
 def test_image_of_the_right_size_is_pillows_decode(tmp_path):
@@ -338,6 +338,8 @@ def test_empty_or_imageless_sources_are_errors(tmp_path):
     (tmp_path / 'bad').mkdir()
     (tmp_path / 'bad' / '0.png').write_bytes(b'junk')
     with pytest.warns(UserWarning), pytest.raises(ValueError, match='none of its 1 image'):
+        load(tmp_path / 'bad', size=32)
+    with pytest.raises(ValueError, match='none of its 1 image.*0.png'):  # no size: no image to take it from
         load(tmp_path / 'bad')
     with zipfile.ZipFile(tmp_path / 'e.zip', 'w') as z:
         z.writestr('a.txt', 'hello')
@@ -437,5 +439,8 @@ def test_native_size(tmp_path):
     with pytest.raises(ValueError, match="no images"):
         data.native_size(tmp_path / "empty")
     (folder / "1.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="unreadable image"):
+    assert data.native_size(folder) == 40  # passed over, as decoding passes over it
+    (folder / "2.png").write_bytes(b"not a png")
+    (folder / "10.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="none of its 3 image.*1.png"):
         data.native_size(folder)
