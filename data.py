@@ -154,8 +154,13 @@ def check_memory(count, size, extra_bytes=0):
     need = count * 3 * size * size + extra_bytes
     have = memory_bytes()
     if need > have:
-        raise ValueError(f'{count:,} images at {size}x{size} need {need / 2**30:,.1f} GiB of memory; this machine '
-                         f'has {have / 2**30:,.1f} GiB: use a smaller --image-size or --max-images')
+        raise ValueError(f'{count:,} images at {size}x{size} need {_gib(need)} of memory; this machine has '
+                         f'{_gib(have)}: use a smaller --image-size or --max-images')
+
+
+def _gib(nbytes):
+    """Bytes as the user reads them: '937.5 GiB', '2.3 MiB'."""
+    return f'{nbytes / 2**30:,.1f} GiB' if nbytes >= 2**30 else f'{nbytes / 2**20:,.1f} MiB'
 
 
 def native_size(name_or_path, root=None):
@@ -357,8 +362,8 @@ def read_pkls(paths, progress=True, limit=None, size=None):
     count = min(sum(len(x) for x in parts), limit or math.inf)
     _, h, w, _ = parts[0].shape
     # held at once: the pickles read, this channels-first copy, and the resized bank made from it
-    read = sum(x.nbytes for x in parts)
-    check_memory(count, min(h, w), read + (count * 3 * size * size if size and (size, size) != (h, w) else 0))
+    resized = size and (size, size) != (h, w)
+    check_memory(count, size or h, sum(x.nbytes for x in parts) + (count * 3 * h * w if resized else 0))
     out = np.empty((count, 3, h, w), np.uint8)
     start = 0
     for x in parts:
@@ -691,17 +696,29 @@ def _coverage(mask):
 
 if __name__ == '__main__':
     import resource
+
+    import flags
     parser = argparse.ArgumentParser(description='Load a dataset once (fills the cache): shape, time, memory.')
     parser.add_argument('--data', default='shapes', help="'shapes', 'lld', 'anime', or a folder/zip/hdf5/pkl")
     parser.add_argument('--data-root', default=None, help='holds lld/ and anime/ (default: $GANLAB_DATA, data/)')
-    parser.add_argument('--image-size', type=int, default=None, help='side in pixels (default: see load_images)')
+    parser.add_argument('--image-size', type=flags.positive_int, default=None,
+                        help='side in pixels (default: see load_images)')
+    parser.add_argument('--max-images', type=flags.positive_int, default=None, help='only the first N images')
     parser.add_argument('--cache-dir', default=None, help='for decoded images (default: see the docstring)')
-    parser.add_argument('--workers', type=int, default=None, help='decoding processes (default: all cores)')
+    parser.add_argument('--workers', type=flags.positive_int, default=None,
+                        help='decoding processes (default: all cores)')
     args = parser.parse_args()
+    if args.cache_dir == '':
+        parser.error('--cache-dir is empty: give a folder, or leave it out for the default')
+    if args.cache_dir is not None:
+        try:
+            flags.check_output_folder(args.cache_dir, '--cache-dir')
+        except ValueError as error:
+            parser.error(str(error))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
     t0 = time.perf_counter()
     try:
-        x = load_images(args.data, root=args.data_root, size=args.image_size,
+        x = load_images(args.data, root=args.data_root, size=args.image_size, limit=args.max_images,
                         cache_dir=args.cache_dir, workers=args.workers)
     except (FileNotFoundError, ValueError) as error:  # missing, empty or unreadable data
         parser.error(str(error))
