@@ -154,11 +154,11 @@ def check_memory(count, size, extra_bytes=0):
     need = count * 3 * size * size + extra_bytes
     have = memory_bytes()
     if need > have:
-        raise ValueError(f'{count:,} images at {size}x{size} need {_gib(need)} of memory; this machine has '
-                         f'{_gib(have)}: use a smaller --image-size or --max-images')
+        raise ValueError(f'{count:,} images at {size}x{size} need {format_bytes(need)} of memory; this machine has '
+                         f'{format_bytes(have)}: use a smaller --image-size or --max-images')
 
 
-def _gib(nbytes):
+def format_bytes(nbytes):
     """Bytes as the user reads them: '937.5 GiB', '2.3 MiB'."""
     return f'{nbytes / 2**30:,.1f} GiB' if nbytes >= 2**30 else f'{nbytes / 2**20:,.1f} MiB'
 
