@@ -27,7 +27,9 @@ import concurrent.futures
 import contextlib
 import hashlib
 import io
+import math
 import multiprocessing
+import numbers
 import os
 import pickle
 import sys
@@ -59,53 +61,136 @@ MISSING = {
 }
 
 
-def load_images(name_or_path='shapes', root=None, size=None, *, n=20000, seed=0,
+def load_images(name_or_path='shapes', root=None, size=None, *, n=20000, seed=0, limit=None,
                 cache_dir=None, workers=None, progress=True):
     """Return images as a uint8 tensor (N, 3, size, size), contiguous, on the CPU.
 
     name_or_path: 'shapes', 'lld', 'anime', or a folder, .zip, .hdf5 or .pkl file.
-    size: side in pixels; None gives 32 for 'shapes' and 'lld', an .hdf5/.pkl file's own size, else 64.
+    size: side in pixels; None gives 32 for 'shapes' and 'lld', 64 for 'anime', an .hdf5/.pkl file's own
+      size, and for any other folder or zip its own: its first readable image's shorter side (native_size).
     n, seed: how many 'shapes' icons, and their seed.
+    limit: make or read only the first `limit` images (the scripts' --max-images): the first `limit` image
+      files of a folder or zip in name order (fewer come back if some are unreadable), the first rows of an
+      .hdf5/.pkl, min(n, limit) icons of 'shapes'. None: all.
     cache_dir: where decoded images are cached; workers: decoding processes (default: all cores);
     progress: show progress bars and what is read from where.
     Decoded images come back as a copy-on-write map of their cache file: writes stay in this process.
+
+    Requests that cannot work are refused with a ValueError naming the scripts' flag before anything is
+    read or allocated: an empty name or root, a size or limit below 1, and a bank larger than this
+    machine's memory (check_memory), e.g.
+
+        >>> load_images('shapes', size=4096)
+        ValueError: 20,000 images at 4096x4096 need 937.5 GiB of memory; this machine has 23.4 GiB: ...
     """
     name_or_path = os.fspath(name_or_path)
+    _check_request(name_or_path, root, size, limit, n)
     if name_or_path == 'shapes':
-        return torch.from_numpy(make_shapes(n, size or 32, seed))
+        count = min(n, limit or n)  # drawn only up to limit: nothing made is thrown away
+        check_memory(count, size or 32)
+        return torch.from_numpy(make_shapes(count, size or 32, seed))
     kind, paths = find_source(name_or_path, root)
     if progress:
         print(f'{name_or_path}: reading {", ".join(paths)}', file=sys.stderr)
     if kind in ('folder', 'zip'):
-        size = size or (32 if name_or_path == 'lld' else 64)
-        return torch.from_numpy(_decoded_images(kind, paths[0], size, cache_dir, workers, progress))
-    x = read_hdf5(paths[0], progress) if kind == 'hdf5' else read_pkls(paths, progress)
-    if size and x.shape[2:] != (size, size):  # resized once, then cached like decoded images
-        x = _cached(paths[0], _stamp(paths), size, cache_dir, progress, lambda: _resize_bank(x, size, progress))
+        base = paths[0]
+        names, others = _image_names(kind, base)
+        size = size or DEFAULT_SIZE.get(name_or_path) or _first_image_side(kind, base, names)
+        if limit is not None and limit >= len(names):
+            limit = None  # all of them: the same images, and the same cache, as no limit
+        names = names[:limit]
+        check_memory(len(names), size)
+        return torch.from_numpy(_decoded_images(kind, base, names, others, size, limit, cache_dir, workers,
+                                                progress))
+    if kind == 'hdf5':
+        count, side = _hdf5_count_side(paths[0])
+        if limit is not None and limit >= count:
+            limit = None
+        count = min(count, limit or count)
+        # the file's own images are read whole; resized, the smaller bank is made beside them
+        check_memory(count, size or side, count * 3 * side * side if size and size != side else 0)
+        read = lambda: read_hdf5(paths[0], progress, limit)  # noqa: E731
+    else:  # pkl: how many images a pickle holds is known only once it is read; read_pkls checks then
+        read = lambda: read_pkls(paths, progress, limit, size)  # noqa: E731
+    if not size:
+        return torch.from_numpy(read())
+    # resized once, then cached like decoded images; the files are read only when there is no cache
+    x = _cached(paths[0], _stamp(paths), size, cache_dir, progress, lambda: _resize_bank(read(), size, progress),
+                limit)
     return torch.from_numpy(x)
+
+
+DEFAULT_SIZE = {'lld': 32, 'anime': 64}  # the named sets: LLD-icon's own 32, the assignment's 64 (of 96)
+
+
+def _check_request(name_or_path, root, size, limit, n):
+    """Refuse what no data can satisfy, naming the scripts' flag (ValueError)."""
+    if not name_or_path:
+        # abspath('') is the current folder: it would read every image under it (docs, a run's own grids)
+        raise ValueError("--data is empty: give 'shapes', 'lld', 'anime' or a folder, .zip, .hdf5 or .pkl")
+    if root is not None and not os.fspath(root):
+        raise ValueError('--data-root is empty: give the folder that holds lld/ and anime/, or leave it out')
+    for flag, value in (('--image-size', size), ('--max-images', limit), ('n', n)):
+        if value is not None and (not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f'{flag} must be a whole number >= 1, got {value!r}')
+
+
+def memory_bytes():
+    """The memory this process can have: the machine's physical memory, or its container's limit
+    (cgroup v2 memory.max) where that is lower."""
+    if not hasattr(os, 'sysconf'):  # Windows: unknown, so nothing is refused
+        return float('inf')
+    total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    with contextlib.suppress(OSError, ValueError):
+        with open('/sys/fs/cgroup/memory.max') as f:
+            total = min(total, int(f.read()))  # 'max' (no limit) fails int() and leaves total
+    return total
+
+
+def check_memory(count, size, extra_bytes=0):
+    """Refuse (ValueError) a bank of `count` uint8 images of size x size, count * 3 * size**2 bytes, plus
+    `extra_bytes` held beside it while it is made, that cannot fit in memory_bytes(): before any of it is
+    allocated, rather than swapping for hours or being killed midway."""
+    need = count * 3 * size * size + extra_bytes
+    have = memory_bytes()
+    if need > have:
+        raise ValueError(f'{count:,} images at {size}x{size} need {format_bytes(need)} of memory; this machine has '
+                         f'{format_bytes(have)}: use a smaller --image-size or --max-images')
+
+
+def format_bytes(nbytes):
+    """Bytes as the user reads them: '937.5 GiB', '2.3 MiB'."""
+    return f'{nbytes / 2**30:,.1f} GiB' if nbytes >= 2**30 else f'{nbytes / 2**20:,.1f} MiB'
 
 
 def native_size(name_or_path, root=None):
     """The side load_images should ask for to keep a set's own resolution: 32 for 'shapes', the
-    shorter side of the first image in a folder or zip (what fit_image's centre crop keeps), and
-    None for .hdf5/.pkl files, whose arrays load_images already keeps at their own size."""
+    shorter side of the first readable image in a folder or zip (what fit_image's centre crop keeps),
+    and None for .hdf5/.pkl files, whose arrays load_images already keeps at their own size."""
     name_or_path = os.fspath(name_or_path)
+    _check_request(name_or_path, root, None, None, 1)
     if name_or_path == 'shapes':
         return 32
     kind, paths = find_source(name_or_path, root)
     if kind not in ('folder', 'zip'):
         return None
-    names, _ = _list_images(_walk(paths[0])) if kind == 'folder' else _zip_images(paths[0])
-    if not names:
-        raise ValueError(f'{paths[0]}: no images in it')
-    try:
-        if kind == 'folder':
-            with Image.open(os.path.join(paths[0], names[0])) as im:
-                return min(im.size)  # reads the header only
-        with zipfile.ZipFile(paths[0]) as archive, archive.open(names[0]) as f, Image.open(f) as im:
-            return min(im.size)
-    except (OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f'{names[0]} in {paths[0]}: unreadable image ({e})') from e
+    return _first_image_side(kind, paths[0], _image_names(kind, paths[0])[0])
+
+
+def _first_image_side(kind, base, names):
+    """The shorter side of the first image in `names` that opens (only its header is read); unreadable
+    ones are passed over, as decoding passes over them."""
+    first_error = None
+    for name in names:
+        try:
+            if kind == 'folder':
+                with Image.open(os.path.join(base, name)) as im:
+                    return min(im.size)
+            with zipfile.ZipFile(base) as archive, archive.open(name) as f, Image.open(f) as im:
+                return min(im.size)
+        except (OSError, Image.DecompressionBombError, zipfile.BadZipFile) as e:
+            first_error = first_error or f'{name}: {e}'
+    raise ValueError(f'{base}: none of its {len(names)} image(s) could be read ({first_error})')
 
 
 # ---------------------------------------------------------------- finding the files
@@ -125,8 +210,10 @@ def find_source(name_or_path, root=None):
         if found is None:
             raise ValueError(f'{path}: no images in it (nor .hdf5, .pkl or .zip files)')
         return found
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder (and not one of 'shapes', 'lld', 'anime')")
+    if not os.path.isfile(path):  # reading a FIFO waits forever for a writer; a device never ends
+        raise ValueError(f'{path}: not a regular file (a FIFO, socket or device): give a folder, .zip, .hdf5 or .pkl')
     for kind, exts in (('hdf5', ('.hdf5', '.h5')), ('pkl', ('.pkl', '.pickle')), ('zip', ('.zip',))):
         if path.lower().endswith(exts):
             return kind, [path]
@@ -136,6 +223,7 @@ def find_source(name_or_path, root=None):
 def _source_in_folder(folder):
     """The data in a folder, in the order of preference the module docstring gives, or None."""
     paths = [os.path.join(folder, f) for f in sorted(os.listdir(folder), key=_numeric_first) if f[0] != '.']
+    paths = [p for p in paths if os.path.isfile(p)]  # regular files only: a FIFO named x.hdf5 would hang
     hdf5 = [p for p in paths if p.lower().endswith(('.hdf5', '.h5'))]
     if hdf5:
         return 'hdf5', [min(hdf5, key=lambda p: os.path.basename(p) != 'LLD-icon.hdf5')]
@@ -145,7 +233,7 @@ def _source_in_folder(folder):
     for sub in ('LLD_favicons_full_png', 'LLD_favicons_clean_png'):
         if os.path.isdir(os.path.join(folder, sub)):
             return 'folder', [os.path.join(folder, sub)]
-    if any(p.lower().endswith(IMAGE_EXTS) for p in _walk(folder)):
+    if any(p.lower().endswith(IMAGE_EXTS) for p in _files_under(folder)[0]):
         return 'folder', [folder]
     zips = [p for p in paths if p.lower().endswith('.zip')]
     if zips:  # LLD's full set and clean set come as two zips: the larger is the full one
@@ -161,11 +249,30 @@ def _numeric_first(path):
     return (folder, 0, int(stem), name) if stem.isdecimal() else (folder, 1, 0, name)
 
 
-def _walk(folder):
-    """All files under folder, as relative paths with '/'."""
-    for d, _, files in os.walk(folder):
-        rel = os.path.relpath(d, folder).replace(os.sep, '/')
-        yield from (f if rel == '.' else f'{rel}/{f}' for f in files)
+def _files_under(folder):
+    """-> (regular files under folder, everything else that is not a folder), as relative paths with '/'.
+
+    Only regular files are ever opened: a FIFO named like an image blocks its reader until something
+    writes to it (forever), and a device may never end. Links are followed to files, not to folders."""
+    regular, special, pending = [], [], ['']
+    while pending:
+        rel = pending.pop()
+        with os.scandir(os.path.join(folder, rel)) as entries:
+            for entry in entries:
+                path = rel + entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(path + '/')
+                else:  # is_file follows links: a link to a regular file counts as one
+                    (regular if entry.is_file() else special).append(path)
+    return regular, special
+
+
+def _image_names(kind, base):
+    """The images of a folder or zip in numeric-first order, and how many other files it holds."""
+    names, others = _list_images(_files_under(base)[0]) if kind == 'folder' else _zip_images(base)
+    if not names:
+        raise ValueError(f'{base}: no images in it ({others} other file(s))')
+    return names, others
 
 
 def _list_images(relpaths):
@@ -185,19 +292,36 @@ def _check_bank(path, dtype, shape, layout):
                          f'found {dtype} of shape {tuple(shape)}')
 
 
-def read_hdf5(path, progress=True):
-    """LLD-icon HDF5 -> uint8 (N, 3, H, W): dataset 'data' is channels first already, kept as is.
-    Only 'data' is opened; the label groups under labels/ are never read."""
+def _hdf5_images(f, path):
+    """The checked image dataset of an open LLD-icon HDF5 file."""
+    if not isinstance(f.get('data'), h5py.Dataset):
+        raise ValueError(f"{path}: no dataset 'data' (LLD-icon keeps its images there)")
+    _check_bank(path, f['data'].dtype, f['data'].shape, 'NCHW')
+    return f['data']
+
+
+def _hdf5_count_side(path):
+    """(images, side) of an LLD-icon HDF5 file, from its header: nothing is read."""
     try:
         with h5py.File(path, 'r') as f:
-            if not isinstance(f.get('data'), h5py.Dataset):
-                raise ValueError(f"{path}: no dataset 'data' (LLD-icon keeps its images there)")
-            data = f['data']
-            _check_bank(path, data.dtype, data.shape, 'NCHW')
-            x = np.empty(data.shape, np.uint8)
+            shape = _hdf5_images(f, path).shape
+    except OSError as e:
+        raise ValueError(f'{path}: unreadable HDF5 file ({e})') from e
+    return shape[0], min(shape[2:])
+
+
+def read_hdf5(path, progress=True, limit=None):
+    """LLD-icon HDF5 -> uint8 (N, 3, H, W): dataset 'data' is channels first already, kept as is;
+    its first `limit` images only if limit is given. Only 'data' is opened; the label groups under
+    labels/ are never read."""
+    try:
+        with h5py.File(path, 'r') as f:
+            data = _hdf5_images(f, path)
+            x = np.empty((min(len(data), limit or len(data)),) + data.shape[1:], np.uint8)
             step = 65536  # read in slices only to show progress
             for i in tqdm(range(0, len(x), step), desc='hdf5', unit='slice', disable=not progress):
-                data.read_direct(x, np.s_[i:i + step], np.s_[i:i + step])
+                rows = np.s_[i:min(i + step, len(x))]
+                data.read_direct(x, rows, rows)
     except OSError as e:  # h5py's messages do not say which file
         raise ValueError(f'{path}: unreadable HDF5 file ({e})') from e
     return x
@@ -215,10 +339,14 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_pkls(paths, progress=True):
-    """LLD-icon PKL files, each a uint8 array (n, H, W, 3) channels last -> one (N, 3, H, W)."""
+def read_pkls(paths, progress=True, limit=None, size=None):
+    """LLD-icon PKL files, each a uint8 array (n, H, W, 3) channels last -> one (N, 3, H, W): the first
+    `limit` images only if limit is given (later files are then not read). `size`, the side the images
+    will be resized to, only enters the memory check made before the output is allocated."""
     parts = []
     for path in tqdm(paths, desc='pkl', unit='file', disable=not progress):
+        if limit and sum(len(x) for x in parts) >= limit:
+            break
         try:
             with open(path, 'rb') as f:
                 # written by Python 2: its byte strings (the pixels) need latin1 to come back as bytes
@@ -231,10 +359,15 @@ def read_pkls(paths, progress=True):
         if parts and x.shape[1:] != parts[0].shape[1:]:
             raise ValueError(f'{path}: images of shape {x.shape[1:]}, the files before: {parts[0].shape[1:]}')
         parts.append(x)
+    count = min(sum(len(x) for x in parts), limit or math.inf)
     _, h, w, _ = parts[0].shape
-    out = np.empty((sum(len(x) for x in parts), 3, h, w), np.uint8)
+    # held at once: the pickles read, this channels-first copy, and the resized bank made from it
+    resized = size and (size, size) != (h, w)
+    check_memory(count, size or h, sum(x.nbytes for x in parts) + (count * 3 * h * w if resized else 0))
+    out = np.empty((count, 3, h, w), np.uint8)
     start = 0
     for x in parts:
+        x = x[:count - start]
         # channels last -> first keeps the two spatial axes in order: transpose(0, 3, 1, 2). (A bare
         # np.transpose reverses all axes and mirrors every logo along its diagonal.)
         out[start:start + len(x)] = x.transpose(0, 3, 1, 2)
@@ -251,6 +384,8 @@ def fit_image(im, size):
     im.draft(None, (size, size))
     if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation: the photo is stored turned; turn it back
         im = ImageOps.exif_transpose(im)
+    if im.mode.startswith('I') or im.mode == 'F':
+        im = _to_8_bits(im)
     if im.mode in ('RGBA', 'LA', 'PA') or 'transparency' in im.info:
         # transparent pixels become white: logos and icons are drawn to be seen on a white page
         white = Image.new('RGBA', im.size, (255, 255, 255, 255))
@@ -269,6 +404,27 @@ def fit_image(im, size):
         # least 3x for Lanczos, which Pillow documents as indistinguishable from exact resampling.
         im = im.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
     return np.asarray(im)
+
+
+def _to_8_bits(im):
+    """A 16-bit grayscale image (Pillow's modes 'I;16', 'I;16B', ... and 'I', which it also uses for
+    16-bit PNGs) -> 8-bit 'L', or 'LA' when one grey level is marked transparent.
+
+    Pillow's own convert('L') clips these values to 0..255: nearly every pixel of a 16-bit image turns
+    white. The 16-bit value v in 0..65535 becomes v >> 8, its high byte, floor(v / 256): what Pillow (like
+    libpng's default) does to 16-bit colour PNGs, so a grey picture stored as 16-bit grey or as 16-bit RGB
+    loads to the same bytes; and an 8-bit value k stored as 16 bits, k * 257, comes back as k exactly.
+    (Rounding v * 255 / 65535 instead would differ from it by at most 1 level, and from Pillow's colour
+    decode.) Values outside 0..65535 (32-bit integer or float images) have no agreed scale: refused."""
+    v = np.asarray(im)
+    if im.mode == 'F' or v.min() < 0 or v.max() > 65535:
+        raise ValueError(f'{im.mode} pixels from {v.min()} to {v.max()}: only 8- and 16-bit images are read; '
+                         'convert it to an 8-bit PNG or JPEG')
+    grey = Image.fromarray((v.astype(np.uint32) >> 8).astype(np.uint8), 'L')
+    transparent = im.info.get('transparency')
+    if isinstance(transparent, int):  # a 16-bit grey PNG's tRNS names one 16-bit level, before the shift
+        grey.putalpha(Image.fromarray(np.where(v == transparent, 0, 255).astype(np.uint8), 'L'))
+    return grey
 
 
 def to_chw(im):
@@ -329,22 +485,24 @@ def decode_images(kind, base, names, size, workers=None, progress=True):
     return out
 
 
-def _decoded_images(kind, base, size, cache_dir, workers, progress):
-    """A folder's or zip's images at `size`: from the cache if it matches the source, else decoded."""
+def _decoded_images(kind, base, names, others, size, limit, cache_dir, workers, progress):
+    """The images `names` of a folder or zip at `size` (the first `limit`, or all if limit is None): from
+    the cache if it matches the source, else decoded."""
     if kind == 'folder':
-        names, others = _list_images(_walk(base))
         stamp = _stamp(os.path.join(base, p) for p in names)
     else:
         stamp = _stamp([base])  # a zip changes as a whole: its size and mtime say so
 
     def decode():
-        found, skipped = (names, others) if kind == 'folder' else _zip_images(base)
-        if not found:
-            raise ValueError(f'{base}: no images in it ({skipped} other file(s))')
-        if skipped:
-            warnings.warn(f'skipped {skipped} non-image file(s) in {base}')
-        return decode_images(kind, base, found, size, workers, progress)
-    return _cached(base, stamp, size, cache_dir, progress, decode)
+        if others:
+            warnings.warn(f'skipped {others} non-image file(s) in {base}')
+        special = [p for p in _files_under(base)[1] if '/.' not in '/' + p] if kind == 'folder' else []
+        if special:
+            more = ' ...' if len(special) > 3 else ''
+            warnings.warn(f'skipped {len(special)} entries of {base} that are not regular files (FIFOs, sockets, '
+                          f'devices, links to folders or to nothing): {", ".join(special[:3])}{more}')
+        return decode_images(kind, base, names, size, workers, progress)
+    return _cached(base, stamp, size, cache_dir, progress, decode, limit)
 
 
 def _resize_bank(x, size, progress):
@@ -360,13 +518,15 @@ def _stamp(paths):
     return '\n'.join(f'{p} {st.st_size} {st.st_mtime_ns}' for p in paths for st in [os.stat(p)])
 
 
-def _cached(base, stamp, size, cache_dir, progress, build):
+def _cached(base, stamp, size, cache_dir, progress, build, limit=None):
     """build() -> uint8 (N, 3, size, size), run once: later calls map the cached result for as long as
-    the source `base` and its `stamp` stay the same."""
-    key = hashlib.sha1(f'{CACHE_VERSION}\n{size}\n{stamp}'.encode()).hexdigest()[:16]
+    the source `base` and its `stamp` stay the same. The first `limit` images (limit not None) are cached
+    apart from the whole set, so that neither replaces the other."""
+    first = f'first{limit}-' if limit else ''
+    key = hashlib.sha1(f'{CACHE_VERSION}\n{size}\n{first}{stamp}'.encode()).hexdigest()[:16]
     base = os.path.abspath(base)
     where = hashlib.sha1(base.encode()).hexdigest()[:8]  # two folders may share a name
-    prefix = f'{os.path.basename(base)}-{where}-{size}px-'
+    prefix = f'{os.path.basename(base)}-{where}-{size}px-{first}'
     path = os.path.join(_cache_folder(base, cache_dir), prefix + key + '.npy')
     x = _read_cache(path, size)
     if x is not None:
@@ -414,9 +574,14 @@ def _read_cache(path, size):
     The file is memory-mapped copy-on-write: loading takes no time and no fresh memory (the pages are
     the OS's file cache, read on first touch, shared between runs); writes stay private to the process.
     """
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None
     try:
+        if not os.path.isfile(path):  # opening a FIFO would wait forever
+            raise ValueError('not a regular file')
+        with open(path, 'rb') as f:
+            if f.read(6) != b'\x93NUMPY':  # else numpy's message suggests allow_pickle=True: never for a cache
+                raise ValueError('not a .npy file: it does not start with the .npy magic bytes')
         x = np.load(path, mmap_mode='c', allow_pickle=False)  # fails on a truncated file: too short to map
         if x.dtype == np.uint8 and x.ndim == 4 and x.shape[1:] == (3, size, size) and len(x) > 0:
             return x
@@ -531,17 +696,29 @@ def _coverage(mask):
 
 if __name__ == '__main__':
     import resource
+
+    import flags
     parser = argparse.ArgumentParser(description='Load a dataset once (fills the cache): shape, time, memory.')
     parser.add_argument('--data', default='shapes', help="'shapes', 'lld', 'anime', or a folder/zip/hdf5/pkl")
     parser.add_argument('--data-root', default=None, help='holds lld/ and anime/ (default: $GANLAB_DATA, data/)')
-    parser.add_argument('--image-size', type=int, default=None, help='side in pixels (default: see load_images)')
+    parser.add_argument('--image-size', type=flags.positive_int, default=None,
+                        help='side in pixels (default: see load_images)')
+    parser.add_argument('--max-images', type=flags.positive_int, default=None, help='only the first N images')
     parser.add_argument('--cache-dir', default=None, help='for decoded images (default: see the docstring)')
-    parser.add_argument('--workers', type=int, default=None, help='decoding processes (default: all cores)')
+    parser.add_argument('--workers', type=flags.positive_int, default=None,
+                        help='decoding processes (default: all cores)')
     args = parser.parse_args()
+    if args.cache_dir == '':
+        parser.error('--cache-dir is empty: give a folder, or leave it out for the default')
+    if args.cache_dir is not None:
+        try:
+            flags.check_output_folder(args.cache_dir, '--cache-dir')
+        except ValueError as error:
+            parser.error(str(error))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
     t0 = time.perf_counter()
     try:
-        x = load_images(args.data, root=args.data_root, size=args.image_size,
+        x = load_images(args.data, root=args.data_root, size=args.image_size, limit=args.max_images,
                         cache_dir=args.cache_dir, workers=args.workers)
     except (FileNotFoundError, ValueError) as error:  # missing, empty or unreadable data
         parser.error(str(error))

@@ -37,23 +37,25 @@ import json
 import math
 import os
 import sys
+import tempfile
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import data
+import flags
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("images", help="generated images: folder, zip, .hdf5/.pkl, or a dataset name")
 parser.add_argument("reference", help="real images, the same kinds")
-parser.add_argument("--image-size", type=int, default=None, help="side both sets are resized to; if not given: the first set's own (its first image's)")
+parser.add_argument("--image-size", type=flags.positive_int, default=None, help="side both sets are resized to (at least 7); if not given: the first set's own (its first image's)")
 parser.add_argument("--data-root", default=None, help="folder that holds the named datasets; if not given: data.py's")
-parser.add_argument("--max-images", type=int, default=10000, help="use the first N images of each set (the smaller count decides)")
-parser.add_argument("--reference-offset", type=int, default=0, help="skip the reference's first N images: with the same set twice, the SWD of two disjoint parts (the noise floor)")
-parser.add_argument("--patches", type=int, default=64, help="7x7 neighbourhoods drawn per image and pyramid level")
-parser.add_argument("--seed", type=int, default=0, help="seed of the patch positions and directions")
-parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+parser.add_argument("--max-images", type=flags.positive_int, default=10000, help="use the first N images of each set (the smaller count decides; at least 2)")
+parser.add_argument("--reference-offset", type=flags.nonnegative_int, default=0, help="skip the reference's first N images: with the same set twice, the SWD of two disjoint parts (the noise floor)")
+parser.add_argument("--patches", type=flags.positive_int, default=64, help="7x7 neighbourhoods drawn per image and pyramid level")
+parser.add_argument("--seed", type=flags.seed, default=0, help="seed of the patch positions and directions")
+parser.add_argument("--json", default=None, help="also write the figures to this JSON file (checked before the computation)")
 
 PATCH = 7  # side of a neighbourhood
 SMALLEST_LEVEL = 16  # the pyramid stops at 16 x 16
@@ -138,38 +140,82 @@ def swd(images, reference, patches=64, seed=0, rounds=4, directions_per_round=12
     return result
 
 
-def load(name_or_path, size, root, limit, offset=0):
-    x = data.load_images(name_or_path, root=root, size=size)
-    return x[offset:offset + limit]
+def memory_needed(count, size, patches):
+    """Bytes swd() holds at its peak for two sets of `count` images of size x size: per pixel of both
+    sets, ~24 bytes of float pyramids and filter temporaries; per 7x7 neighbourhood drawn (count x
+    patches per set and level), ~3,300 bytes: both sets' descriptors (147 floats each), the gather's
+    indices, and the 128 sorted projections of a round. Both constants are measured (peak RSS of
+    swd() on random images: 3,195 bytes per neighbourhood from 102,400 to 409,600 of them; 23 bytes
+    per pixel at 2,000 images of 64x64), with some room."""
+    return 2 * count * 3 * size * size * 24 + count * patches * 3300
+
+
+def too_small(side, given):
+    """The error for images smaller than a neighbourhood, naming what decided their size."""
+    if given:
+        return f"--image-size must be at least {PATCH} (SWD compares {PATCH}x{PATCH} neighbourhoods), got {side}"
+    return (f"the images are {side}x{side} (their own size, as no --image-size was given), smaller than SWD's "
+            f"{PATCH}x{PATCH} neighbourhoods: pass --image-size 16 (or more) to resize both sets")
+
+
+def write_json(path, record):
+    """Write `record` to path atomically: a temporary file beside it, then a rename."""
+    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".swd-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=2)
+        os.replace(temporary, path)
+    except BaseException:
+        os.remove(temporary)
+        raise
 
 
 def main(argv=None):
     args = parser.parse_args(argv)
+    # every check that needs no images first: nothing is loaded or computed for a run that cannot finish
+    for name, value in (("the images argument", args.images), ("the reference argument", args.reference)):
+        if not value:
+            parser.error(f"{name} is empty: give a folder, zip, .hdf5/.pkl file or a dataset name")
+    if args.max_images < 2:
+        parser.error(f"--max-images must be at least 2 (SWD compares two sets of images), got {args.max_images}")
+    if args.image_size is not None and args.image_size < PATCH:
+        parser.error(too_small(args.image_size, given=True))
     try:
+        if args.json is not None:
+            flags.check_output_file(args.json, "--json")
         size = args.image_size or data.native_size(args.images, args.data_root)
-        images = load(args.images, size, args.data_root, args.max_images)
-        reference = load(args.reference, images.shape[-1], args.data_root, args.max_images, args.reference_offset)
+        if size is not None and size < PATCH:
+            parser.error(too_small(size, given=False))
+        # only the images used are made or read: the first --max-images (after --reference-offset)
+        images = data.load_images(args.images, root=args.data_root, size=size, limit=args.max_images)
+        if images.shape[-1] < PATCH:  # an .hdf5/.pkl file's own size, known once it is read
+            parser.error(too_small(images.shape[-1], given=False))
+        reference = data.load_images(args.reference, root=args.data_root, size=images.shape[-1],
+                                     limit=args.reference_offset + args.max_images)[args.reference_offset:]
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
+    if len(images) < 2:
+        parser.error(f"{args.images}: need at least 2 images, found {len(images)}")
+    if len(reference) < 2:
+        skipped = f" after --reference-offset {args.reference_offset}" if args.reference_offset else ""
+        parser.error(f"{args.reference}: need at least 2 images{skipped}, found {len(reference)}")
     count = min(len(images), len(reference))
-    if count < 2:
-        parser.error(f"need at least 2 images in each set, got {len(images)} and {len(reference)}")
-    if args.reference_offset < 0:
-        parser.error("--reference-offset must be >= 0")
-    if args.patches < 1:
-        parser.error("--patches must be at least 1")
-    if images.shape[-1] < PATCH:
-        parser.error(f"--image-size must be at least {PATCH}")
+    need, have = memory_needed(count, images.shape[-1], args.patches), data.memory_bytes()
+    if need > have:
+        parser.error(f"--patches {args.patches} for {count:,} images of {images.shape[-1]}x{images.shape[-1]} "
+                     f"needs about {data.format_bytes(need)} of memory; this machine has {data.format_bytes(have)}: "
+                     f"use fewer --patches or --max-images")
     result = swd(images[:count], reference[:count], patches=args.patches, seed=args.seed)
-    if args.json:
-        temporary = args.json + ".tmp"
-        with open(temporary, "w") as f:
-            json.dump({"images": args.images, "reference": args.reference, "count": count,
-                       "image_size": images.shape[-1], "patches": args.patches, "seed": args.seed,
-                       "swd_x1e3": {str(k): v for k, v in result.items()}}, f, indent=2)
-        os.replace(temporary, args.json)
+    # the score first: if writing the file fails after all, the result is not lost
     per_level = ", ".join(f"{k}px {v:.2f}" for k, v in result.items() if k != "average")
-    print(f"SWD x 1e3: {per_level}, average {result['average']:.2f}  ({count} vs {count} images)")
+    print(f"SWD x 1e3: {per_level}, average {result['average']:.2f}  ({count} vs {count} images)", flush=True)
+    if args.json is not None:
+        try:
+            write_json(args.json, {"images": args.images, "reference": args.reference, "count": count,
+                                   "image_size": images.shape[-1], "patches": args.patches, "seed": args.seed,
+                                   "swd_x1e3": {str(k): v for k, v in result.items()}})
+        except OSError as error:
+            sys.exit(f"swd.py: the score above was not written to --json {args.json}: {error}")
     return result
 
 

@@ -4,11 +4,16 @@ Test images are random pixels: a reader that transposes (the bare np.transpose b
 swaps channels gets different numbers. Each test makes its tiny files in tmp_path; the last test
 reads the real anime faces in ../shared/data when they are there.
 """
+import contextlib
 import io
 import os
 import pickle
+import runpy
+import signal
 import struct
+import sys
 import zipfile
+import zlib
 
 import h5py
 import numpy as np
@@ -205,7 +210,7 @@ def test_any_size_centre_cropped_resized_upright(tmp_path):
     assert x.shape == (5, 3, 24, 24)
     for img in x:
         assert_quadrants(img)
-    assert load(tmp_path).shape == (5, 3, 64, 64)  # size None: 64
+    assert load(tmp_path).shape == (5, 3, 80, 80)  # size None: the first image's own shorter side, 0.jpg's
 
 
 def test_image_of_the_right_size_is_pillows_decode(tmp_path):
@@ -275,8 +280,9 @@ def test_cache_reused_invalidated_rebuilt(tmp_path, monkeypatch):
             good = f.read()
         with open(path, 'wb') as f:
             f.write(damage(good))
-        with pytest.warns(UserWarning, match='unusable'):
+        with pytest.warns(UserWarning, match='unusable') as caught:
             assert_images(load(src, size=32), chw(x))
+        assert 'allow_pickle' not in str(caught[0].message)  # never advise loading a pickle from a cache
         assert cache_files(cache) == [os.path.basename(path)]
 
 
@@ -338,6 +344,8 @@ def test_empty_or_imageless_sources_are_errors(tmp_path):
     (tmp_path / 'bad').mkdir()
     (tmp_path / 'bad' / '0.png').write_bytes(b'junk')
     with pytest.warns(UserWarning), pytest.raises(ValueError, match='none of its 1 image'):
+        load(tmp_path / 'bad', size=32)
+    with pytest.raises(ValueError, match='none of its 1 image.*0.png'):  # no size: no image to take it from
         load(tmp_path / 'bad')
     with zipfile.ZipFile(tmp_path / 'e.zip', 'w') as z:
         z.writestr('a.txt', 'hello')
@@ -386,6 +394,165 @@ def test_pickle_cannot_run_code(tmp_path):
     with pytest.raises(ValueError, match='refusing'):
         load(tmp_path / 'evil.pkl')
     assert not os.path.exists(tmp_path / 'ran')
+
+
+def png_16_bit_rgb(path, rgb):
+    """Write uint16 (h, w, 3) as a 16-bit RGB PNG, chunk by chunk (Pillow cannot write one)."""
+    def chunk(kind, body):
+        return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
+    h, w, _ = rgb.shape
+    rows = b''.join(b'\0' + row.astype('>u2').tobytes() for row in rgb)  # filter 0 (none) before each row
+    header = struct.pack('>IIBBBBB', w, h, 16, 2, 0, 0, 0)  # 16 bits, colour type 2: RGB
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(rows))
+                     + chunk(b'IEND', b''))
+
+
+def test_16_bit_grey_png_scaled_not_clipped(tmp_path):
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 65536, (32, 32), dtype=np.uint16)
+    grey[0, :4] = [0, 255, 65535, 257 * 200]  # black, dark, white, and an 8-bit level stored as 16 bits
+    Image.fromarray(grey).save(tmp_path / '0.png')
+    assert Image.open(tmp_path / '0.png').mode == 'I;16'  # really a 16-bit grey PNG
+    png_16_bit_rgb(tmp_path / '1.png', np.dstack([grey] * 3))
+    got = load(tmp_path, size=32).numpy()
+    # the oracle: Pillow's own decode of the same values as a 16-bit colour PNG
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / '1.png')), np.dstack([grey >> 8] * 3))
+    np.testing.assert_array_equal(got[0], got[1])
+    assert list(got[0, 0, 0, :4]) == [0, 0, 255, 200]
+    assert (got[0] == 255).mean() < 0.01  # not clipped to white (Pillow's convert('RGB') makes 99.6% white)
+    Image.fromarray(grey.astype(np.int32)).save(tmp_path / '2.tif')  # Pillow's 32-bit mode 'I', 16-bit values
+    Image.fromarray(grey.astype(np.int32) * 4).save(tmp_path / '3.tif')  # beyond 16 bits: no agreed scale
+    with pytest.warns(UserWarning, match=r'skipped 1 unreadable.*3\.tif.*only 8- and 16-bit'):
+        got = load(tmp_path, size=32, cache_dir=tmp_path / '.other').numpy()
+    assert len(got) == 3 and (got[2] == got[0]).all()
+
+
+def test_16_bit_grey_transparent_level_on_white(tmp_path):
+    grey = np.full((8, 8), 1000, np.uint16)
+    grey[:, :4] = 40000
+    Image.fromarray(grey).save(tmp_path / 'a.png', transparency=40000)
+    got = load(tmp_path, size=8).numpy()[0]
+    assert (got[:, :, :4] == 255).all() and (got[:, :, 4:] == 1000 >> 8).all()
+
+
+def fifo(path):
+    os.mkfifo(path)
+    return path
+
+
+@contextlib.contextmanager
+def no_hang(seconds=30):
+    """Fail (instead of hanging the test run) if the body blocks, e.g. opening a FIFO nobody writes to."""
+    def stop(*_):
+        raise TimeoutError(f'blocked for {seconds} s')
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.skipif(not hasattr(os, 'mkfifo'), reason='no FIFOs here')
+def test_fifo_never_read(tmp_path):
+    x = logos(2)
+    save_pngs(tmp_path / 'icons', x, ['0.png', '2.png'])
+    fifo(tmp_path / 'icons' / '1.png')
+    fifo(tmp_path / 'icons' / 'z.hdf5')  # would be preferred to the images if it were a file
+    os.symlink(tmp_path / 'nowhere.png', tmp_path / 'icons' / '3.png')  # a link to nothing
+    with no_hang(), pytest.warns(UserWarning, match=r'skipped 3 entries .* not regular files') as caught:
+        got = load(tmp_path / 'icons', workers=1)
+    assert '1.png' in str(caught[-1].message)
+    assert_images(got, chw(x))
+    assert data.native_size(tmp_path / 'icons') == 32
+    for path in (fifo(tmp_path / 'data.hdf5'), fifo(tmp_path / 'data.zip')):  # given as the data itself
+        with no_hang(), pytest.raises(ValueError, match='not a regular file') as e:
+            load(path)
+        assert str(path) in str(e.value)
+
+
+def test_empty_name_or_root_refused(tmp_path, monkeypatch):
+    save_pngs(tmp_path, logos(1), ['0.png'])
+    monkeypatch.chdir(tmp_path)  # '' would read the current folder, this one
+    for call in (lambda: load(''), lambda: data.native_size('')):
+        with pytest.raises(ValueError, match='--data is empty'):
+            call()
+    with pytest.raises(ValueError, match='--data-root is empty'):
+        load('anime', root='')
+
+
+def test_sizes_and_limits_below_one_refused():
+    for kw, flag in [(dict(size=0), '--image-size'), (dict(size=-32), '--image-size'), (dict(size=2.5), '--image-size'),
+                     (dict(limit=0), '--max-images'), (dict(limit=-3), '--max-images'), (dict(n=0), 'n must')]:
+        with pytest.raises(ValueError, match=flag):
+            load('shapes', **kw)
+
+
+def test_folders_default_to_their_own_size_named_sets_keep_theirs(tmp_path):
+    x = logos(2)
+    save_pngs(tmp_path / 'anime', x, ['0.png', '1.png'])
+    assert_images(load(tmp_path / 'anime'), chw(x))  # 32x32 images: kept at 32, not blown up to 64
+    assert load('anime', root=tmp_path).shape == (2, 3, 64, 64)  # the named set: 64 as documented
+
+
+def spy(monkeypatch, name):
+    """Record the arguments of every call of data.<name>, and still make the call."""
+    calls, real = [], getattr(data, name)
+    monkeypatch.setattr(data, name, lambda *args, **kw: calls.append(args) or real(*args, **kw))
+    return calls
+
+
+def test_limit_reads_only_the_first_images(tmp_path, monkeypatch):
+    x = logos(5)
+    save_pngs(tmp_path / 'icons', x, [f'{i}.png' for i in range(5)])
+    decoded = spy(monkeypatch, 'decode_images')
+    assert_images(load(tmp_path / 'icons'), chw(x))
+    assert_images(load(tmp_path / 'icons', limit=2), chw(x[:2]))
+    assert decoded[-1][2] == ['0.png', '1.png']  # only those two were decoded
+    assert_images(load(tmp_path / 'icons'), chw(x))  # the first N are cached apart: the whole set's cache stays
+    assert_images(load(tmp_path / 'icons', limit=2), chw(x[:2]))
+    assert_images(load(tmp_path / 'icons', limit=9), chw(x))  # more than there are: all, the same cache
+    assert len(decoded) == 2 and len(cache_files(tmp_path / '.cache')) == 2
+    with zipfile.ZipFile(tmp_path / 'icons.zip', 'w') as z:
+        for i in range(5):
+            z.write(tmp_path / 'icons' / f'{i}.png', f'{i}.png')
+    assert_images(load(tmp_path / 'icons.zip', limit=3), chw(x[:3]))
+    save_hdf5(tmp_path / 'h' / 'x.hdf5', chw(x).numpy())
+    assert_images(load(tmp_path / 'h' / 'x.hdf5', limit=3), chw(x[:3]))
+    assert_images(load(tmp_path / 'h' / 'x.hdf5', limit=3, size=16), load(tmp_path / 'h' / 'x.hdf5', size=16)[:3])
+    os.makedirs(tmp_path / 'p')
+    save_py2_pickle(tmp_path / 'p' / 'LLD-icon_data_0.pkl', x[:2])
+    save_py2_pickle(tmp_path / 'p' / 'LLD-icon_data_1.pkl', x[2:])
+    opened = spy(monkeypatch, '_ArrayUnpickler')
+    assert_images(load(tmp_path / 'p', limit=2), chw(x[:2]))
+    assert len(opened) == 1  # the second file was not read
+    made = spy(monkeypatch, 'make_shapes')
+    assert load('shapes', n=500, limit=10).shape == (10, 3, 32, 32) and made[-1][0] == 10
+
+
+def test_bank_larger_than_memory_refused_before_allocating(tmp_path, monkeypatch):
+    def not_drawn(*args):
+        raise AssertionError('drew the icons')
+    monkeypatch.setattr(data, 'make_shapes', not_drawn)
+    with pytest.raises(ValueError, match=r'20,000 images at 4096x4096 need 937\.5 GiB.*--image-size or --max-images'):
+        load('shapes', size=4096)  # the issue's 938 GiB, on any machine with less than that
+    monkeypatch.undo()
+    monkeypatch.setenv('GANLAB_CACHE', str(tmp_path / '.cache'))
+    monkeypatch.setattr(data, 'memory_bytes', lambda: 2 ** 20)  # a machine with 1 MiB
+    assert load('shapes', n=100, size=32).shape == (100, 3, 32, 32)  # 0.3 MiB: fits
+    with pytest.raises(ValueError, match=r'200 images at 64x64 need 2\.3 MiB .* has 1\.0 MiB'):
+        load('shapes', n=200, size=64)  # 2.3 MiB
+    save_pngs(tmp_path / 'icons', logos(3), ['0.png', '1.png', '2.png'])
+    save_hdf5(tmp_path / 'h' / 'x.hdf5', chw(logos(3)).numpy())
+    os.makedirs(tmp_path / 'p')
+    save_py2_pickle(tmp_path / 'p' / 'x.pkl', logos(3))
+    decoded, resized = spy(monkeypatch, 'decode_images'), spy(monkeypatch, '_resize_bank')
+    for source in ('icons', 'h/x.hdf5', 'p'):
+        with pytest.raises(ValueError, match='3 images at 512x512'):
+            load(tmp_path / source, size=512)
+        assert load(tmp_path / source, size=64, limit=1).shape == (1, 3, 64, 64)
+    assert [len(call[2]) for call in decoded] == [1] and [len(call[0]) for call in resized] == [1, 1]
 
 
 # ---------------------------------------------------------------- shapes
@@ -437,5 +604,28 @@ def test_native_size(tmp_path):
     with pytest.raises(ValueError, match="no images"):
         data.native_size(tmp_path / "empty")
     (folder / "1.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="unreadable image"):
+    assert data.native_size(folder) == 40  # passed over, as decoding passes over it
+    (folder / "2.png").write_bytes(b"not a png")
+    (folder / "10.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="none of its 3 image.*1.png"):
         data.native_size(folder)
+
+
+def run_data_py(argv, monkeypatch, capsys):
+    """python data.py ARGV in this process -> (exit status, stderr)."""
+    monkeypatch.setattr(sys, 'argv', ['data.py', *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(os.path.join(REPO, 'data.py'), run_name='__main__')
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_command_line_bad_input(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'file').write_text('not a folder')
+    for argv, words in [(['--data', ''], '--data is empty'), (['--image-size', '0'], '--image-size'),
+                        (['--max-images', '-3'], '--max-images'), (['--workers', '0'], '--workers'),
+                        (['--cache-dir', ''], '--cache-dir is empty'), (['--cache-dir', 'file/c'], '--cache-dir'),
+                        (['--image-size', '4096'], '937.5 GiB')]:
+        status, err = run_data_py(argv, monkeypatch, capsys)
+        assert status == 2 and words in err and 'Traceback' not in err, (argv, err)
+    assert os.listdir(tmp_path) == ['file']

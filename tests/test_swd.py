@@ -3,6 +3,7 @@ for the pyramid filters, as the paper's own code computes them, and
 scipy.stats.wasserstein_distance for the 1-D distances."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -117,7 +118,7 @@ def test_command_line_bad_input(tmp_path, capsys):
     assert "no such file or folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         swd.main(["shapes", "shapes", "--patches", "0"])
-    assert "--patches must be at least 1" in capsys.readouterr().err
+    assert "argument --patches: must be a whole number >= 1" in capsys.readouterr().err
 
 
 def test_command_line_size_root_and_seed(tmp_path, capsys):
@@ -130,3 +131,82 @@ def test_command_line_size_root_and_seed(tmp_path, capsys):
     assert set(first) == {16, "average"}  # resized to 16x16: one pyramid level
     assert swd.main(argv + ["--seed", "3"]) == first and swd.main(argv + ["--seed", "4"]) != first
     assert "(12 vs 12 images)" in capsys.readouterr().out
+
+
+def refused(argv, capsys, status=2):
+    """swd.main(argv) must exit with `status`, print no traceback, and do no SWD: -> stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        swd.main(argv)
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == status, err
+    assert "Traceback" not in err and "SWD x 1e3" not in out
+    return err
+
+
+@pytest.fixture
+def no_computation(monkeypatch):
+    """Refusals come before the computation: swd() must not run."""
+    def computed(*args, **kw):
+        raise AssertionError("swd() ran")
+    monkeypatch.setattr(swd, "swd", computed)
+
+
+def test_json_path_checked_before_the_computation(tmp_path, capsys, monkeypatch, no_computation):
+    loaded = []
+    monkeypatch.setattr(data, "load_images", lambda *args, **kw: loaded.append(args))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "swd.json").write_text("another run's figures")
+    (tmp_path / "file").write_text("a file")
+    for json_path, words in [(tmp_path / "run", "is a folder"), (str(tmp_path / "run") + "/", "is a folder"),
+                             (tmp_path / "file" / "swd.json", "file is a file"), ("", "is a folder")]:
+        err = refused(["shapes", "shapes", "--json", str(json_path)], capsys)
+        assert "--json" in err and words in err, err
+    assert not loaded and (tmp_path / "run" / "swd.json").read_text() == "another run's figures"
+    assert sorted(os.listdir(tmp_path / "run")) == ["swd.json"]
+
+
+def test_score_printed_before_the_json_is_written(tmp_path, capsys, monkeypatch):
+    def disk_full(*args, **kw):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(json, "dump", disk_full)  # the path passed its check; the disk fills up later
+    with pytest.raises(SystemExit) as exit_info:
+        swd.main(["shapes", "shapes", "--max-images", "8", "--patches", "2", "--json", str(tmp_path / "swd.json")])
+    out, err = capsys.readouterr()
+    assert out.startswith("SWD x 1e3: 32px ")  # the result is on the screen even so
+    assert "No space left" in str(exit_info.value.code) and "--json" in str(exit_info.value.code)
+    assert os.listdir(tmp_path) == []  # no half-written file, no temporary left behind
+
+
+def test_patches_that_cannot_fit_refused(capsys, no_computation):
+    err = refused(["shapes", "shapes", "--max-images", "2", "--patches", "100000000"], capsys)
+    assert "--patches 100000000" in err and "GiB of memory" in err and "--max-images" in err
+
+
+def test_memory_needed_is_an_upper_bound_of_the_measured_peak():
+    # the figures memory_needed's docstring gives, measured with resource.getrusage (ru_maxrss)
+    assert swd.memory_needed(200, 32, 2048) - swd.memory_needed(200, 32, 512) >= 3195 * 200 * (2048 - 512)
+    assert swd.memory_needed(2000, 64, 0) >= 23 * 2 * 2000 * 3 * 64 * 64
+
+
+def test_tiny_images_blame_what_set_their_size(tmp_path, capsys, no_computation):
+    for i in range(4):
+        Image.new("RGB", (1, 1), (i, 2 * i, 3 * i)).save(tmp_path / f"{i}.png")
+    err = refused([str(tmp_path), "shapes"], capsys)
+    assert "the images are 1x1 (their own size, as no --image-size was given)" in err
+    assert "pass --image-size 16" in err
+    err = refused([str(tmp_path), "shapes", "--image-size", "4"], capsys)
+    assert "--image-size must be at least 7" in err and "got 4" in err
+
+
+def test_nonsense_flags_refused(tmp_path, capsys, no_computation):
+    for argv, words in [(["--max-images", "1"], "--max-images must be at least 2"),
+                        (["--max-images", "0"], "argument --max-images"),
+                        (["--reference-offset", "-1"], "argument --reference-offset"),
+                        (["--seed", "-1"], "argument --seed"), (["--seed", str(2 ** 64)], "argument --seed"),
+                        (["--image-size", "0"], "argument --image-size"), (["--patches", "1.5"], "argument --patches"),
+                        (["--data-root", ""], "--data-root is empty"),
+                        (["--reference-offset", "20000"], "need at least 2 images after --reference-offset 20000")]:
+        err = refused(["shapes", "shapes", *argv], capsys)
+        assert words in err, (argv, err)
+    assert "the images argument is empty" in refused(["", "shapes"], capsys)
+    assert "the reference argument is empty" in refused(["shapes", ""], capsys)
