@@ -1,12 +1,14 @@
 // CUDA implementations of the ganlab ops: argument checks, then the raw-pointer launchers in
 // augment_kernels.cu, on the current stream of the tensors' device.
 //
-// Only device-generic c10 headers are used here (DeviceGuard, VirtualGuardImpl,
-// Stream::native_handle): so this file also compiles against a CPU build of torch, which
-// lets CI check it on a machine without CUDA.
+// Only headers that every torch from 2.4 on ships, CPU wheels included, are used here:
+// c10::cuda::getCurrentCUDAStream (not c10::Stream::native_handle, which first exists in
+// torch 2.11). They need the CUDA runtime's headers, not a GPU or a CUDA build of torch, so CI
+// compiles this file on a machine without either, against the headers of torch 2.4 and of
+// the installed torch (tests/compile_cuda_headers.py).
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/VirtualGuardImpl.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -27,14 +29,14 @@ static int dtype_code(at::ScalarType t) {
 
 // the cudaStream_t that PyTorch is currently using on `device`
 static void* current_stream(const at::Device& device) {
-  c10::impl::VirtualGuardImpl impl(device.type());
-  return impl.getStream(device).native_handle();
+  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
 }
 
+// error: the launch's cudaError_t, named by the runtime (augment_kernels.cu), e.g.
+// "cudaErrorInvalidConfiguration (invalid configuration argument)"
 static void check_launch(int error, const char* op) {
-  // error is a cudaError_t; its text comes from the runtime, which this file does not include
-  TORCH_CHECK(error == 0, op, ": CUDA kernel launch failed with cudaError_t ", error,
-              " (run with CUDA_LAUNCH_BLOCKING=1 for the exact place)");
+  TORCH_CHECK(error == 0, op, ": CUDA kernel launch failed: ", cuda_error_name(error), " (",
+              cuda_error_text(error), "); run with CUDA_LAUNCH_BLOCKING=1 for the exact place");
 }
 
 static at::Tensor warp_batch_cuda(const at::Tensor& bank, const at::Tensor& index_,

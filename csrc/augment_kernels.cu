@@ -225,4 +225,7 @@ int launch_diffaug_backward(const void* grad, int64_t B, int C, int H, int W,
   return (int)cudaGetLastError();
 }
 
+const char* cuda_error_name(int error) { return cudaGetErrorName((cudaError_t)error); }
+const char* cuda_error_text(int error) { return cudaGetErrorString((cudaError_t)error); }
+
 }  // namespace ganlab

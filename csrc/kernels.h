@@ -177,4 +177,7 @@ int launch_diffaug_backward(const void* grad, int64_t B, int C, int H, int W,
                             const void* saturation, const void* contrast,
                             const int64_t* translation, const int64_t* cutout,
                             void* grad_x, int dtype, void* stream);
+// the name and the text of a cudaError_t (cudaGetErrorName, cudaGetErrorString), for messages
+const char* cuda_error_name(int error);
+const char* cuda_error_text(int error);
 }  // namespace ganlab
