@@ -315,7 +315,7 @@ class Run:
         """The dataset as one uint8 tensor (N, 3, S, S) on the device; sets --image-size if not given."""
         args = self.args
         try:
-            bank = data.load_images(args.data, root=args.data_root, size=args.image_size)
+            bank = data.load_images(args.data, root=args.data_root, size=args.image_size, limit=args.max_images)
         except (FileNotFoundError, ValueError, OSError) as error:  # unknown name, missing or unreadable files
             self.error(str(error))
         bank = bank[: args.max_images].contiguous() if args.max_images else bank

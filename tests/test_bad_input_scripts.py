@@ -35,7 +35,7 @@ def finished(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         import data
         from test_gan_scripts import _cached_load
-        mp.setattr(data, "load_images", lambda name, root=None, size=None: _cached_load(name, root, size))
+        mp.setattr(data, "load_images", lambda name, root=None, size=None, **kw: _cached_load(name, root, size))
         return run("dcgan", tmp_path_factory.mktemp("finished"), "--epochs", 1)
 
 

@@ -41,7 +41,7 @@ def _cached_load(name, root, size):
 def quick(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny networks: one thread is as fast, and steady on a busy machine
-    monkeypatch.setattr(data, "load_images", lambda name, root=None, size=None: _cached_load(name, root, size))
+    monkeypatch.setattr(data, "load_images", lambda name, root=None, size=None, **kw: _cached_load(name, root, size))
     yield
     torch.set_num_threads(threads)
 
@@ -76,7 +76,7 @@ def trained(tmp_path_factory):
     """One finished dcgan run (1 epoch = 4 steps) whose checkpoint the sampling tests reuse."""
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(data, "load_images", lambda name, root=None, size=None: _cached_load(name, root, size))
+        mp.setattr(data, "load_images", lambda name, root=None, size=None, **kw: _cached_load(name, root, size))
         return run("dcgan", tmp_path_factory.mktemp("trained"), "--epochs", 1)
 
 
@@ -316,7 +316,7 @@ def test_flags_reach_the_training_loop(tmp_path, monkeypatch):
     monkeypatch.setattr(dcgan, "random_affine", lambda *a, **k: seen["affine"].append(k) or real_affine(*a, **k))
     monkeypatch.setattr(dcgan, "random_diffaug", lambda *a, **k: seen["diffaug"].append(a) or real_diffaug(*a, **k))
     monkeypatch.setattr(training, "CurveLog", lambda every, **k: seen.update(every=every) or outputs.CurveLog(every, **k))
-    monkeypatch.setattr(data, "load_images", lambda name, root=None, size=None: seen["load"].append(root) or _cached_load(name, None, size))
+    monkeypatch.setattr(data, "load_images", lambda name, root=None, size=None, **kw: seen["load"].append(root) or _cached_load(name, None, size))
     folder = run("dcgan", tmp_path, "--epochs", 1, "--augment", "flip,translate=0.1,scale=1.2,rotate=15",
                  "--diffaug", "translation", "--g-loss", "saturating", "--d-steps", 2, "--ema", 0,
                  "--lr-g", 1e-3, "--lr-d", 3e-4, "--seed", 3, "--device", "cpu", "--data-root", tmp_path,

@@ -28,7 +28,7 @@ import {script} as script
 
 # the scripts' tests use a few hundred built-in icons, not the default 20,000
 real_load = data.load_images
-data.load_images = lambda name, root=None, size=None: real_load(name, root=root, size=size, n=256)
+data.load_images = lambda name, root=None, size=None, **kw: real_load(name, root=root, size=size, n=256)
 rank, fault = int(os.environ.get("RANK", "0")), os.environ.get("FAULT", "")
 if fault == "ctrl-c":  # the signal reaches process 0 during step 3 and process 1 during step 4
     real_log = training.Run.log
