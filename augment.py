@@ -135,8 +135,9 @@ def _try_cuda_build(build_cuda, cuda_home):
                 f"{nvcc.split('.')[0]} (pip install torch --index-url https://download.pytorch.org/whl/cu"
                 f"{nvcc.replace('.', '')})")
     digest = hashlib.sha256(f"torch {torch.__version__} cuda {torch_cuda} nvcc {nvcc}".encode())
-    for name in sorted(os.listdir(os.path.join(HERE, "csrc"))):
-        with open(os.path.join(HERE, "csrc", name), "rb") as f:
+    csrc = os.path.join(HERE, "csrc")
+    for name in sorted(n for n in os.listdir(csrc) if os.path.isfile(os.path.join(csrc, n))):
+        with open(os.path.join(csrc, name), "rb") as f:
             digest.update(name.encode() + f.read())
     key = digest.hexdigest()
     # torch's extension cache (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions)

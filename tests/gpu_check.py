@@ -238,6 +238,19 @@ nvcc = shutil.which("nvcc")
 release = [line for line in run([nvcc, "--version"]).splitlines() if "release" in line] if nvcc else []
 print(f"nvcc: {nvcc}, {release[-1] if release else 'version unknown'}" if nvcc else "nvcc: not on PATH")
 print(f"compute-sanitizer: {sys.argv[1]}")
+# what the steps import or run besides torch (setup.py's install_requires and the test extra)
+import importlib, importlib.metadata
+found = []
+for module, package in [("ninja", "ninja"), ("pytest", "pytest"), ("scipy", "scipy"), ("numpy", "numpy"),
+                        ("PIL", "pillow"), ("h5py", "h5py"), ("tqdm", "tqdm"), ("matplotlib", "matplotlib")]:
+    try:
+        importlib.import_module(module)
+        found.append(f"{package} {importlib.metadata.version(package)}")
+    except Exception as error:
+        found.append(f"{package} MISSING ({type(error).__name__})")
+print("packages: " + ", ".join(found))
+if any("MISSING" in item for item in found):
+    raise SystemExit("environment: a package the steps need is missing: pip install -e '.[test]'")
 """
 
 PROGRAM_NAMES = {ENVIRONMENT: "\"$ENVIRONMENT (tests/gpu_check.py)\"", BUILD: "\"$BUILD (tests/gpu_check.py)\""}
@@ -364,6 +377,9 @@ def main(argv=None):
     parser.add_argument("--out", default="gpu-check", help="folder for report.md, logs/ and work/")
     parser.add_argument("--budget", type=float, default=470, help="seconds for all the steps together")
     parser.add_argument("--keep", action="store_true", help="keep --out/work/ (caches, the runs' outputs)")
+    parser.add_argument("--only", default=None, metavar="STEPS",
+                        help="comma-separated steps to run (e.g. build,cuda-tests to split the check over two calls); "
+                             "the others are reported as skipped")
     args = parser.parse_args(argv)
     if args.faces is not None and not os.path.isdir(args.faces):
         parser.error(f"--faces {args.faces}: no such folder; give a folder of face images, e.g. "
@@ -394,6 +410,15 @@ def main(argv=None):
     context["env"] = dict(os.environ, TORCH_EXTENSIONS_DIR=os.path.join(work, "torch_extensions"),
                           GANLAB_CACHE=os.path.join(work, "data_cache"), PYTHONUNBUFFERED="1")
     steps = make_steps(args, context)
+    if args.only is not None:
+        chosen = set(args.only.split(","))
+        unknown = chosen - {step.name for step in steps}
+        if unknown:
+            parser.error(f"--only: unknown steps {sorted(unknown)}; the steps are {', '.join(s.name for s in steps)}")
+        context["not_chosen_missing"] = f"not in --only {args.only}"
+        for step in steps:
+            if step.name not in chosen:
+                step.needs = "not_chosen"
     header = (f"# GPU check, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n\n"
               f"`python tests/gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
               f"(budget {args.budget:.0f} s); versions: the environment step below")

@@ -651,7 +651,7 @@ int main() {
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-def test_cuda_kernels_compile_and_name_launch_errors(tmp_path):
+def test_kernels_compile_and_name_launch_errors(tmp_path):
     # the kernels compile for sm_80 with no warning (sm_90 and torch's nvcc flags: the next
     # test), and a launch error is reported by its name and text, not as a bare number
     (tmp_path / "main.cu").write_text(LAUNCH_ERRORS_PROGRAM)
@@ -669,7 +669,7 @@ def test_cuda_kernels_compile_and_name_launch_errors(tmp_path):
 
 
 @pytest.mark.parametrize("version", [compile_cuda_headers.OLDEST_TORCH, "installed"])
-def test_cuda_sources_compile_against_torch(version):
+def test_sources_compile_against_torch(version):
     # the CUDA host file, the CPU file and the kernels against the headers of the oldest torch
     # the README promises (fetched once with pip into ~/.cache/ganlab-ci; .ci/run fetches
     # them before pytest) and of the installed one: a GPU user's JIT build compiles them so

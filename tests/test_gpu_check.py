@@ -33,8 +33,8 @@ def test_cpu_only_run_skips_the_gpu_steps_and_exits_0(tmp_path):
     for i in range(130):
         (faces / f"{i}.jpg").write_bytes(b"not decoded in CPU mode")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run([sys.executable, "tests/gpu_check.py", "--faces", str(faces), "--out", str(tmp_path / "out")],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "tests/gpu_check.py", "--faces", str(faces), "--out", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (tmp_path / "out" / "report.md").read_text()
     rows = report_rows(report)
