@@ -155,6 +155,8 @@ def _try_cuda_build(build_cuda, cuda_home):
         pass  # no failure recorded
     try:
         build_cuda()
+        if os.path.exists(record):  # a failure of other sources, torch or nvcc: past
+            os.remove(record)
         return None
     except Exception as error:
         summary = f"{type(error).__name__}: {_build_error_summary(error)}"

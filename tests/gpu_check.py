@@ -210,7 +210,8 @@ seconds = time.monotonic() - start
 for w in caught:
     print(f"warning: {w.message}")
 devices = sorted(augment._state["kernel_devices"])
-arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or "sm_%d%d (this GPU)" % torch.cuda.get_device_capability()
+arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or (
+    "sm_%d%d (this GPU)" % torch.cuda.get_device_capability() if torch.cuda.is_available() else "no GPU")
 print(f"build: {seconds:.0f} s from an empty cache ({os.environ['TORCH_EXTENSIONS_DIR']}), for {arch}")
 print(f"kernels: {', '.join(devices) if loaded else 'none (pure-PyTorch reference)'}")
 if "cuda" not in devices:

@@ -523,6 +523,8 @@ def mocked_cuda_build(monkeypatch, tmp_path):
 
 
 def test_failed_cuda_build_says_why_and_is_not_retried(mocked_cuda_build, monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
     # first start: the CUDA build fails, the reason quotes the compiler's error, the CPU
     # kernels are built
     reason = augment._build_and_load()
@@ -545,6 +547,10 @@ def test_failed_cuda_build_says_why_and_is_not_retried(mocked_cuda_build, monkey
     mocked_cuda_build.clear()
     augment._build_and_load()
     assert mocked_cuda_build == [("ganlab_ops_cuda", True), ("ganlab_ops", False)]
+    # a build that works again (here: with another nvcc) leaves no record behind
+    monkeypatch.setattr(augment, "_nvcc_version", lambda cuda_home: "13.2")
+    monkeypatch.setattr(cpp_extension, "load", lambda name, sources, with_cuda, **kwargs: None)
+    assert augment._build_and_load() is None and not record.exists()
 
 
 def test_nvcc_of_another_cuda_major_is_not_tried(mocked_cuda_build, monkeypatch):
