@@ -297,29 +297,21 @@ def sanitizer_path():
     found = shutil.which("compute-sanitizer")
     if found:
         return found
-    import importlib.util
+    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        homes.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in homes:
+        candidate = home and os.path.join(home, "bin", "compute-sanitizer")
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    import importlib.util  # pip's wheel, last
 
     spec = importlib.util.find_spec("nvidia")
     for root in (spec.submodule_search_locations or []) if spec else []:
         for folder, _, names in os.walk(root):
             if "compute-sanitizer" in names and os.access(os.path.join(folder, "compute-sanitizer"), os.X_OK):
                 return os.path.join(folder, "compute-sanitizer")
-    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        homes.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-        # nvcc may be a wrapper script: ask it where its toolkit is
-        try:
-            listed = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=30)
-            for line in listed.stderr.splitlines():
-                if "TOP=" in line:
-                    homes.insert(0, line.split("TOP=", 1)[1].strip())
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    for home in homes:
-        candidate = home and os.path.join(home, "bin", "compute-sanitizer")
-        if candidate and os.path.isfile(candidate):
-            return candidate
     return None
 
 
