@@ -29,8 +29,11 @@ oracle. GANLAB_REFERENCE=1 forces the reference.
 """
 
 import glob
+import hashlib
 import math
 import os
+import re
+import subprocess
 import sys
 import warnings
 from typing import NamedTuple
@@ -40,17 +43,21 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PADDING_MODES = {"zeros": 0, "border": 1, "reflection": 2}
+EMPTY_BATCH = "warp_batch: index is empty (a batch of 0 samples)"  # the compiled op's words (csrc/augment.cpp)
 
 # -----------------------------------------------------------------------------
 # building and loading the extension
 
 
 def _build_and_load():
-    """Load the ahead-of-time build from setup.py if there is one, else JIT-build csrc/."""
+    """Load the ahead-of-time build from setup.py if there is one, else JIT-build csrc/.
+
+    Returns why the extension has no CUDA kernels where that matters (a CUDA build of torch),
+    else None: "no nvcc", a CUDA version mismatch, or the build error."""
     prebuilt = glob.glob(os.path.join(HERE, "_ganlab_C*.so")) + glob.glob(os.path.join(HERE, "_ganlab_C*.pyd"))
     if prebuilt:
         torch.ops.load_library(prebuilt[0])
-        return
+        return f"were not built into {prebuilt[0]} (setup.py found no nvcc, or this torch has no CUDA)"
     from torch.utils import cpp_extension
 
     csrc = os.path.join(HERE, "csrc")
@@ -74,36 +81,110 @@ def _build_and_load():
             verbose=os.environ.get("GANLAB_VERBOSE_BUILD") == "1",
         )
 
-    # CUDA kernels only where this torch was built with CUDA and nvcc can be found; if their
-    # build fails, the CPU kernels still serve CPU tensors (CUDA ones then take the reference)
-    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
-        try:
-            return build(with_cuda=True)
-        except Exception as error:
-            warnings.warn(f"augment: building the CUDA kernels failed ({type(error).__name__}); "
-                          "building the CPU kernels only. Set GANLAB_VERBOSE_BUILD=1 for the log.", stacklevel=4)
+    # CUDA kernels only where this torch was built with CUDA and a matching nvcc can be found;
+    # without them the CPU kernels still serve CPU tensors (CUDA ones then take the reference)
+    reason = None
+    if torch.version.cuda is None:
+        pass  # a CPU build of torch: there are no CUDA tensors to serve
+    elif cpp_extension.CUDA_HOME is None:
+        reason = ("were not built: no nvcc found (pip's torch wheels ship none). Install a CUDA "
+                  f"{torch.version.cuda.split('.')[0]}.x toolkit, set CUDA_HOME to it and start again")
+    else:
+        reason = _try_cuda_build(lambda: build(with_cuda=True), cpp_extension.CUDA_HOME)
+        if reason is None:
+            return None
     build(with_cuda=False)
+    return reason
 
 
-_state = {"loaded": None, "warned_cuda": False}  # loaded: None not tried yet, True ops available, False reference only
+def _nvcc_version(cuda_home):
+    """The CUDA release of cuda_home/bin/nvcc, e.g. "13.0" (None if it cannot be asked)."""
+    try:
+        result = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                                text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"release (\d+\.\d+)", result.stdout)
+    return match.group(1) if match else None
 
 
-def _use_ops(tensor):
-    """Whether the compiled op has a kernel for `tensor`'s device. A CUDA build of torch
-    without nvcc (the pip wheels ship none) builds the CPU kernels only: CUDA tensors then
-    take the reference, with one warning, instead of failing."""
-    if not load_extension():
-        return False
-    if tensor.device.type != "cuda":
-        return True
-    if torch._C._dispatch_has_kernel_for_dispatch_key("ganlab::warp_batch", "CUDA"):
-        return True
-    if not _state["warned_cuda"]:
-        _state["warned_cuda"] = True
-        warnings.warn("augment: the extension was built without its CUDA kernels (no nvcc found: set "
-                      "CUDA_HOME to a CUDA toolkit and clear ~/.cache/torch_extensions); CUDA tensors use "
-                      "the pure-PyTorch reference", stacklevel=3)
-    return False
+def _build_error_summary(error, lines=12):
+    """The part of a failed build's output that says what failed: the compiler's error lines
+    (ninja's output ends with "build stopped", which says nothing), else the last lines."""
+    text = str(error).strip().splitlines()
+    errors = [line.strip() for line in text if "error" in line.lower() and "build stopped" not in line]
+    return "\n    ".join((errors or text)[-lines:])
+
+
+def _try_cuda_build(build_cuda, cuda_home):
+    """Build the CUDA kernels unless they cannot or already failed to. Returns None on
+    success, else why there are none.
+
+    A failing CUDA build costs minutes and would fail again at every start with the same
+    sources, torch and nvcc: the failure is remembered in the extension cache (a file keyed
+    by all three) and not retried until one of them changes or the file is deleted."""
+    from torch.utils import cpp_extension
+
+    nvcc = _nvcc_version(cuda_home)
+    torch_cuda = torch.version.cuda
+    # torch refuses to build with an nvcc of another major version than its own CUDA
+    if nvcc is not None and nvcc.split(".")[0] != torch_cuda.split(".")[0]:
+        return (f"were not built: nvcc in {cuda_home} is CUDA {nvcc} but this torch ({torch.__version__}) "
+                f"was built with CUDA {torch_cuda}, and the major versions must match. Install a CUDA "
+                f"{torch_cuda.split('.')[0]}.x toolkit and set CUDA_HOME to it, or a torch built for CUDA "
+                f"{nvcc.split('.')[0]} (pip install torch --index-url https://download.pytorch.org/whl/cu"
+                f"{nvcc.replace('.', '')})")
+    digest = hashlib.sha256(f"torch {torch.__version__} cuda {torch_cuda} nvcc {nvcc}".encode())
+    csrc = os.path.join(HERE, "csrc")
+    for name in sorted(n for n in os.listdir(csrc) if os.path.isfile(os.path.join(csrc, n))):
+        with open(os.path.join(csrc, name), "rb") as f:
+            digest.update(name.encode() + f.read())
+    key = digest.hexdigest()
+    # torch's extension cache (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions)
+    cache = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    record = os.path.join(cache, "ganlab_ops_cuda.failed")
+    retry = f"delete {record} to try again"
+    try:
+        with open(record) as f:
+            recorded_key, _, recorded_error = f.read().partition("\n")
+        if recorded_key == key:
+            return (f"failed to build earlier with these same sources, torch {torch.__version__} and nvcc "
+                    f"{nvcc}, so the build is not retried at every start ({retry}; "
+                    f"GANLAB_VERBOSE_BUILD=1 shows the whole log):\n    {recorded_error}")
+    except OSError:
+        pass  # no failure recorded
+    try:
+        build_cuda()
+        if os.path.exists(record):  # a failure of other sources, torch or nvcc: past
+            os.remove(record)
+        return None
+    except Exception as error:
+        summary = f"{type(error).__name__}: {_build_error_summary(error)}"
+        os.makedirs(os.path.dirname(record), exist_ok=True)
+        scratch = f"{record}.{os.getpid()}.tmp"
+        with open(scratch, "w") as f:  # written whole, then renamed: never half a record
+            f.write(f"{key}\n{summary}")
+        os.replace(scratch, record)
+        return (f"failed to build (torch {torch.__version__}, CUDA {torch_cuda}, nvcc {nvcc}); not retried "
+                f"at every start until the sources, torch or nvcc change ({retry}; GANLAB_VERBOSE_BUILD=1 "
+                f"shows the whole log):\n    {summary}")
+
+
+# loaded: None not tried yet, True ops available, False reference only. kernel_devices: the
+# device types ("cpu", "cuda") the compiled op has kernels for, decided once when it loads
+_state = {"loaded": None, "kernel_devices": frozenset()}
+
+
+@torch.compiler.assume_constant_result
+def _has_kernel(device_type):
+    """Whether the compiled op has a kernel for tensors on `device_type` ("cpu", "cuda").
+
+    Decided once, when the extension loads: torch.compile then takes this as a constant
+    (running it, and the build on a first call, outside the graph) and traces the branch it
+    picks, instead of meeting a dispatcher query it cannot put in a graph. Where the answer
+    is no (a CUDA build of torch without nvcc, a failed CUDA build), tensors of that device
+    take the pure-PyTorch reference; load_extension has said why, once."""
+    return bool(load_extension()) and device_type in _state["kernel_devices"]
 
 
 def load_extension():
@@ -111,21 +192,29 @@ def load_extension():
     if _state["loaded"] is None:
         if os.environ.get("GANLAB_REFERENCE") == "1":
             _state["loaded"] = False
-        else:
-            try:
-                if not hasattr(torch.ops.ganlab, "warp_batch"):
-                    _build_and_load()
-                _register_python_side()
-                _state["loaded"] = True
-            except Exception as error:  # no compiler, failed build, ...: still usable
-                warnings.warn(
-                    f"augment: could not build the C++/CUDA extension ({type(error).__name__}: "
-                    f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); using the "
-                    "pure-PyTorch reference instead (correct, slower). Set GANLAB_VERBOSE_BUILD=1 "
-                    "to see the build log.",
-                    stacklevel=3,
-                )
-                _state["loaded"] = False
+            return False
+        try:
+            missing_cuda = None
+            if not hasattr(torch.ops.ganlab, "warp_batch"):
+                missing_cuda = _build_and_load()
+            _register_python_side()
+        except Exception as error:  # no compiler, failed build, ...: still usable
+            warnings.warn(
+                f"augment: could not build the C++/CUDA extension ({type(error).__name__}: "
+                f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); using the "
+                "pure-PyTorch reference instead (correct, slower). Set GANLAB_VERBOSE_BUILD=1 "
+                "to see the build log.",
+                stacklevel=3,
+            )
+            _state["loaded"] = False
+            return False
+        _state["loaded"] = True
+        _state["kernel_devices"] = frozenset(
+            device for device, key in [("cpu", "CPU"), ("cuda", "CUDA")]
+            if torch._C._dispatch_has_kernel_for_dispatch_key("ganlab::warp_batch", key))
+        if "cuda" not in _state["kernel_devices"] and torch.cuda.is_available():
+            warnings.warn(f"augment: CUDA tensors use the pure-PyTorch reference (correct, slower): the CUDA "
+                          f"kernels {missing_cuda or 'are missing from the loaded extension'}", stacklevel=3)
     return _state["loaded"]
 
 
@@ -141,20 +230,25 @@ def _register_python_side():
             listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
             raise RuntimeError(f"{op}: {', '.join(devices)} must be on one device, got {listed}")
 
+    # the fake kernels refuse what the compiled ones refuse (an empty batch included), so
+    # that a traced program fails where an eager one would
     @torch.library.register_fake("ganlab::warp_batch")
     def _(bank, index, theta, out_height, out_width, padding_mode, dtype):
         torch._check(bank.dim() == 4 and index.dim() == 1 and theta.dim() == 3)
+        torch._check(index.shape[0] > 0, lambda: EMPTY_BATCH)
         same_device("warp_batch", dict(bank=bank, index=index, theta=theta))
         return bank.new_empty((index.shape[0], bank.shape[1], out_height, out_width), dtype=dtype)
 
     @torch.library.register_fake("ganlab::diffaug")
     def _(x, brightness, saturation, contrast, translation, cutout):
+        torch._check(x.numel() > 0, lambda: f"diffaug: images are empty, shape {list(x.shape)}")
         same_device("diffaug", dict(x=x, brightness=brightness, saturation=saturation, contrast=contrast,
                                     translation=translation, cutout=cutout))
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("ganlab::diffaug_backward")
     def _(grad, saturation, contrast, translation, cutout):
+        torch._check(grad.numel() > 0, lambda: f"diffaug_backward: images are empty, shape {list(grad.shape)}")
         same_device("diffaug_backward", dict(grad=grad, saturation=saturation, contrast=contrast,
                                              translation=translation, cutout=cutout))
         return torch.empty_like(grad, memory_format=torch.contiguous_format)
@@ -196,6 +290,11 @@ def warp_batch(bank, index, theta, size, padding="zeros", dtype=torch.float32, c
     On CUDA, checking that every index is in range costs a host sync; pass
     check_index=False on the hot path when the indices are valid by construction (the
     kernel never reads outside the bank either way: an invalid index gives NaN).
+
+    An empty batch (B = 0) is an error, the same RuntimeError from the compiled op, its fake
+    kernel under torch.compile and the reference: in a training loop it is always a bug
+    upstream (a slice past the end, a batch size of 0), and the empty batch it would return
+    shows up steps later as a NaN loss (the mean over no samples) far from its cause.
     """
     h, w = (size, size) if isinstance(size, int) else size
     if padding not in PADDING_MODES:
@@ -207,13 +306,15 @@ def warp_batch(bank, index, theta, size, padding="zeros", dtype=torch.float32, c
                 f"warp_batch: index values must be in [0, {bank.shape[0] - 1}] for a bank of "
                 f"{bank.shape[0]} images, got min {low} and max {high}"
             )
-    if _use_ops(bank):
+    if _has_kernel(bank.device.type):
         return torch.ops.ganlab.warp_batch(bank, index, theta, h, w, PADDING_MODES[padding], dtype)
     return warp_batch_reference(bank, index, theta, (h, w), padding, dtype)
 
 
 def warp_batch_reference(bank, index, theta, size, padding="zeros", dtype=torch.float32):
     """The chain of PyTorch ops warp_batch fuses: index, float, affine_grid, grid_sample, normalize."""
+    if len(index) == 0:  # refused as the compiled op refuses it (see warp_batch)
+        raise RuntimeError(EMPTY_BATCH)
     h, w = (size, size) if isinstance(size, int) else size
     images = bank[index].float()  # (B, 3, H, W) in [0, 255]
     grid = F.affine_grid(theta, [len(index), 3, h, w], align_corners=False)  # (B, h, w, 2)
@@ -305,13 +406,15 @@ def random_diffaug(batch, height, width, policy="color,translation,cutout", gene
 
 def diff_augment(x, params):
     """DiffAugment x (B, C, H, W) with `params` (DiffAugParams); differentiable in x."""
-    if _use_ops(x):
+    if _has_kernel(x.device.type):
         return torch.ops.ganlab.diffaug(x, *params)
     return diff_augment_reference(x, params)
 
 
 def diff_augment_reference(x, params):
     """DiffAugment transcribed from its published formulas, one step at a time."""
+    if x.numel() == 0:  # refused as the compiled op refuses it (see warp_batch)
+        raise RuntimeError(f"diffaug: images are empty, shape {list(x.shape)}")
     brightness, saturation, contrast, translation, cutout = params
     per_sample = lambda t: t.to(x.dtype).view(-1, 1, 1, 1)
     # brightness: x + (u - 0.5)
