@@ -23,6 +23,7 @@ truncated or corrupt one is rebuilt. HDF5 and pickle files are arrays already: r
 Only images are read: never labels or metadata (the models' only input is noise).
 """
 import argparse
+import collections
 import concurrent.futures
 import contextlib
 import hashlib
@@ -47,6 +48,7 @@ from tqdm import tqdm
 REPO = os.path.dirname(os.path.abspath(__file__))
 LLD_URL = 'https://data.vision.ee.ethz.ch/sagea/lld/'
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
+CHUNK_BYTES = 32 * 2**20  # pixels a decoding worker hands back at a time
 CACHE_VERSION = 1  # bump when decoding changes (filter, crop, colours): old caches are then rebuilt
 
 MISSING = {
@@ -150,7 +152,8 @@ def memory_bytes():
 def check_memory(count, size, extra_bytes=0):
     """Refuse (ValueError) a bank of `count` uint8 images of size x size, count * 3 * size**2 bytes, plus
     `extra_bytes` held beside it while it is made, that cannot fit in memory_bytes(): before any of it is
-    allocated, rather than swapping for hours or being killed midway."""
+    allocated, rather than swapping for hours or being killed midway. (Decoding holds little beside the
+    bank: 2 chunks of at most CHUNK_BYTES per worker.)"""
     need = count * 3 * size * size + extra_bytes
     have = memory_bytes()
     if need > have:
@@ -453,7 +456,8 @@ def decode_images(kind, base, names, size, workers=None, progress=True):
     Unreadable images are skipped with one warning that counts them."""
     if not workers:  # the cores this process may use (in a container, fewer than the machine has)
         workers = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    step = max(1, min(1000, -(-len(names) // (4 * workers))))  # >= 4 chunks a worker: an even finish
+    # >= 4 chunks a worker (an even finish), each at most CHUNK_BYTES of pixels
+    step = max(1, min(1000, -(-len(names) // (4 * workers)), CHUNK_BYTES // (3 * size * size)))
     jobs = [(kind, base, names[i:i + step], size) for i in range(0, len(names), step)]
     # fork, not spawn: the model scripts are flat files with no `if __name__ == '__main__'`, and a
     # spawned worker would run the whole script again. Where there is no fork (Windows): one process.
@@ -462,11 +466,18 @@ def decode_images(kind, base, names, size, workers=None, progress=True):
         min(workers, len(jobs)), mp_context=multiprocessing.get_context('fork')) if fork else None
     out = np.empty((len(names), 3, size, size), np.uint8)
     bad = []
+    ahead = 2 * workers  # chunks decoded before they are copied into out: the only memory beside it
     try:
         # submitting forks the workers: before tqdm starts its monitor thread
-        results = pool.map(_decode_chunk, jobs) if pool else map(_decode_chunk, jobs)
+        pending = collections.deque(pool.submit(_decode_chunk, job) for job in jobs[:ahead]) if pool else None
         with tqdm(total=len(names), desc='decode', unit='img', disable=not progress) as bar:
-            for start, (x, errors) in zip(range(0, len(names), step), results):
+            for k, start in enumerate(range(0, len(names), step)):
+                if pool:
+                    x, errors = pending.popleft().result()
+                    if k + ahead < len(jobs):
+                        pending.append(pool.submit(_decode_chunk, jobs[k + ahead]))
+                else:
+                    x, errors = _decode_chunk(jobs[k])
                 out[start:start + len(x)] = x
                 bad += [(start + i, name, why) for i, name, why in errors]
                 bar.update(len(x))
@@ -477,9 +488,10 @@ def decode_images(kind, base, names, size, workers=None, progress=True):
         shown = '; '.join(f'{name} ({why})' for _, name, why in bad[:3])
         more = ' ...' if len(bad) > 3 else ''
         warnings.warn(f'skipped {len(bad)} unreadable image(s) in {base}: {shown}{more}')
-        keep = np.ones(len(names), bool)
-        keep[[i for i, _, _ in bad]] = False
-        out = out[keep]
+        kept = np.setdiff1d(np.arange(len(names)), [i for i, _, _ in bad])
+        for to, row in enumerate(kept):  # moved up in place: a second bank-sized copy might not fit
+            out[to] = out[row]
+        out = out[:len(kept)]
     if len(out) == 0:
         raise ValueError(f'{base}: none of its {len(names)} image(s) could be read')
     return out

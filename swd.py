@@ -183,6 +183,9 @@ def main(argv=None):
     try:
         if args.json is not None:
             flags.check_output_file(args.json, "--json")
+            for name in (args.images, args.reference):
+                if os.path.isfile(name) and os.path.samefile(name, args.json):
+                    parser.error(f"--json {args.json} is the input {name}: it would be overwritten; give another file")
         size = args.image_size or data.native_size(args.images, args.data_root)
         if size is not None and size < PATCH:
             parser.error(too_small(size, given=False))
