@@ -55,19 +55,27 @@ import inception_score as IS
 HERE = os.path.dirname(os.path.abspath(__file__))
 SPLITS = 10  # the Inception Score's splits, as the reference computes it
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--device", type=flags.device, default="auto", help="device to measure on: auto (cuda if there is a GPU, else cpu), cpu, cuda, cuda:N")
+parser.add_argument("--device", type=flags.device, default="auto",
+                    help="device to measure on: auto (cuda if there is a GPU, else cpu), cpu, cuda, cuda:N")
 parser.add_argument("--only", default="op,train,inception", help="comma-separated sections: op, train, inception")
-parser.add_argument("--seconds", type=flags.positive_float, default=3.0, help="time spent measuring each row (after warm-up)")
+parser.add_argument("--seconds", type=flags.positive_float, default=3.0,
+                    help="time spent measuring each row (after warm-up)")
 parser.add_argument("--batch-size", type=flags.positive_int, default=256, help="op: images per batch")
-parser.add_argument("--train-batch-size", type=flags.positive_int, default=128, help="train: images per step (dcgan.py's default); at most --max-images")
+parser.add_argument("--train-batch-size", type=flags.positive_int, default=128,
+                    help="train: images per step (dcgan.py's default); at most --max-images")
 parser.add_argument("--workloads", default="shapes,anime", help="train: comma-separated workloads, shapes and anime")
 parser.add_argument("--max-images", type=flags.positive_int, default=10000, help="train: images in each workload")
-parser.add_argument("--rounds", type=flags.positive_int, default=3, help="op, train: compared rows are measured in this many alternating rounds; the median is shown")
-parser.add_argument("--workers", type=flags.nonnegative_int, default=2, help="worker processes of the DataLoader baselines (0: in the main process)")
+parser.add_argument("--rounds", type=flags.positive_int, default=3,
+                    help="op, train: compared rows are measured in this many alternating rounds; the median is shown")
+parser.add_argument("--workers", type=flags.nonnegative_int, default=2,
+                    help="worker processes of the DataLoader baselines (0: in the main process)")
 parser.add_argument("--compile", action="store_true", help="train: torch.compile G and D, as dcgan.py --compile")
-parser.add_argument("--anime", default=os.path.join(HERE, "..", "shared", "data", "anime-faces"), help="train: folder of anime-face JPEGs")
-parser.add_argument("--images", type=flags.positive_int, default=200, help=f"inception: 32x32 PNGs to score (at least {SPLITS}, one per split)")
-parser.add_argument("--repeats", type=flags.positive_int, default=1, help="inception: timings per pipeline, interleaved; the best is kept")
+parser.add_argument("--anime", default=os.path.join(HERE, "..", "shared", "data", "anime-faces"),
+                    help="train: folder of anime-face JPEGs")
+parser.add_argument("--images", type=flags.positive_int, default=200,
+                    help=f"inception: 32x32 PNGs to score (at least {SPLITS}, one per split)")
+parser.add_argument("--repeats", type=flags.positive_int, default=1,
+                    help="inception: timings per pipeline, interleaved; the best is kept")
 
 SECTIONS = ("op", "train", "inception")
 WORKLOADS = ("shapes", "anime")
@@ -560,7 +568,8 @@ def check_args(args):
             parser.error(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
     sections = args.only.split(",")
     if "inception" in sections and args.images < SPLITS:
-        parser.error(f"--images must be at least {SPLITS}: the score is averaged over {SPLITS} splits, got {args.images}")
+        parser.error(f"--images must be at least {SPLITS}: the score is averaged over {SPLITS} splits, "
+                     f"got {args.images}")
     # memory, per image of a batch, from peak RSS on the CPU (bench.py --device cpu, --seconds 0.01):
     # op ~0.2 MB in the main process (--batch-size 16 to 2048) plus the workers' prefetched batches;
     # a train step at 32x32 0.86 MB (--train-batch-size 8 to 512), scaled by pixels for 64x64
@@ -574,8 +583,9 @@ def check_args(args):
             workloads["anime"] = min(args.max_images, len(anime_files(args.anime)))
         for name, count in workloads.items():
             if args.train_batch_size > count:
+                where = f"--max-images {args.max_images}" + (" and the files in --anime" if name == "anime" else "")
                 parser.error(f"--train-batch-size {args.train_batch_size} is more than the {count} image(s) of the "
-                             f"{name} workload (--max-images {args.max_images}{', --anime' if name == 'anime' else ''})")
+                             f"{name} workload ({where})")
             size = 32 if name == "shapes" else 64
             # the bank, its encoded copy for the DataLoader (no bigger than the pixels), a step's activations
             bank = count * 3 * size * size

@@ -4,7 +4,8 @@
     x = load_images('shapes')              # built-in procedural icons, (20000, 3, 32, 32), no download
     x = load_images('lld')                 # LLD-icon from data/lld/: hdf5, pkl, png folder or png zip
     x = load_images('anime', size=64)      # anime faces from data/anime/: centre square, resized once
-    x = load_images('some/folder_or.zip')  # any images (or an .hdf5/.pkl file), treated like anime
+    x = load_images('some/folder_or.zip')  # any images (or an .hdf5/.pkl file), at their own size
+    x = load_images('anime', limit=5000)   # only the first 5,000 are decoded (the scripts' --max-images)
 
     python data.py --data anime --image-size 64   # decode once, fill the cache, print time and memory
 
@@ -20,7 +21,10 @@ folder not writable) $XDG_CACHE_HOME/ganlab or ~/.cache/ganlab. It is keyed by t
 names, sizes, mtimes) and the image size, so a changed source or size builds a new one; a
 truncated or corrupt one is rebuilt. HDF5 and pickle files are arrays already: read directly.
 
-Only images are read: never labels or metadata (the models' only input is noise).
+Only images are read: never labels or metadata (the models' only input is noise). Only regular
+files are opened (a FIFO named like an image would block forever). What cannot work is refused
+before anything is read or allocated, with a ValueError naming the scripts' flag: an empty --data,
+an --image-size or --max-images below 1, a bank larger than the machine's memory (check_memory).
 """
 import argparse
 import collections
