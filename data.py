@@ -87,7 +87,7 @@ def load_images(name_or_path='shapes', root=None, size=None, *, n=20000, seed=0,
     machine's memory (check_memory), e.g.
 
         >>> load_images('shapes', size=4096)
-        ValueError: 20,000 images at 4096x4096 need 937.5 GiB of memory; this machine has 23.4 GiB: ...
+        ValueError: 20,000 images at 4096x4096 need 937.5 GiB of memory; this machine has 23.5 GiB: ...
     """
     name_or_path = os.fspath(name_or_path)
     _check_request(name_or_path, root, size, limit, n)
@@ -108,22 +108,24 @@ def load_images(name_or_path='shapes', root=None, size=None, *, n=20000, seed=0,
         check_memory(len(names), size)
         return torch.from_numpy(_decoded_images(kind, base, names, others, size, limit, cache_dir, workers,
                                                 progress))
-    if kind == 'hdf5':
-        count, side = _hdf5_count_side(paths[0])
-        if limit is not None and limit >= count:
-            limit = None
-        count = min(count, limit or count)
-        # the file's own images are read whole; resized, the smaller bank is made beside them
-        check_memory(count, size or side, count * 3 * side * side if size and size != side else 0)
-        read = lambda: read_hdf5(paths[0], progress, limit)  # noqa: E731
-    else:  # pkl: how many images a pickle holds is known only once it is read; read_pkls checks then
-        read = lambda: read_pkls(paths, progress, limit, size)  # noqa: E731
-    if not size:
-        return torch.from_numpy(read())
-    # resized once, then cached like decoded images; the files are read only when there is no cache
-    x = _cached(paths[0], _stamp(paths), size, cache_dir, progress, lambda: _resize_bank(read(), size, progress),
-                limit)
-    return torch.from_numpy(x)
+    if kind == 'pkl':  # how many images a pickle holds is known only once it is read: read_pkls checks then
+        x = read_pkls(paths, progress, limit, size)
+        if size and x.shape[2:] != (size, size):  # resized once, then cached like decoded images
+            x = _cached(paths[0], _stamp(paths), size, cache_dir, progress, lambda: _resize_bank(x, size, progress),
+                        limit if limit is not None and limit <= len(x) else None)
+        return torch.from_numpy(x)
+    count, h, w = _hdf5_shape(paths[0])
+    if limit is not None and limit >= count:
+        limit = None
+    count = min(count, limit or count)
+    if not size or (h, w) == (size, size):
+        check_memory(count, h)
+        return torch.from_numpy(read_hdf5(paths[0], progress, limit))
+    # resized once, then cached like decoded images: the file is read only when there is no cache, and
+    # then whole, with the smaller bank made beside it
+    check_memory(count, size, count * 3 * h * w)
+    return torch.from_numpy(_cached(paths[0], _stamp(paths), size, cache_dir, progress,
+                                    lambda: _resize_bank(read_hdf5(paths[0], progress, limit), size, progress), limit))
 
 
 DEFAULT_SIZE = {'lld': 32, 'anime': 64}  # the named sets: LLD-icon's own 32, the assignment's 64 (of 96)
@@ -307,14 +309,14 @@ def _hdf5_images(f, path):
     return f['data']
 
 
-def _hdf5_count_side(path):
-    """(images, side) of an LLD-icon HDF5 file, from its header: nothing is read."""
+def _hdf5_shape(path):
+    """(images, height, width) of an LLD-icon HDF5 file, from its header: no image is read."""
     try:
         with h5py.File(path, 'r') as f:
-            shape = _hdf5_images(f, path).shape
+            n, _, h, w = _hdf5_images(f, path).shape
     except OSError as e:
         raise ValueError(f'{path}: unreadable HDF5 file ({e})') from e
-    return shape[0], min(shape[2:])
+    return n, h, w
 
 
 def read_hdf5(path, progress=True, limit=None):
