@@ -49,23 +49,36 @@ from PIL import Image
 import augment
 import data
 import dcgan
+import flags
 import inception_score as IS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SPLITS = 10  # the Inception Score's splits, as the reference computes it
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device to measure on")
+parser.add_argument("--device", type=flags.device, default="auto",
+                    help="device to measure on: auto (cuda if there is a GPU, else cpu), cpu, cuda, cuda:N")
 parser.add_argument("--only", default="op,train,inception", help="comma-separated sections: op, train, inception")
-parser.add_argument("--seconds", type=float, default=3.0, help="time spent measuring each row (after warm-up)")
-parser.add_argument("--batch-size", type=int, default=256, help="op: images per batch")
-parser.add_argument("--train-batch-size", type=int, default=128, help="train: images per step (dcgan.py's default)")
+parser.add_argument("--seconds", type=flags.positive_float, default=3.0,
+                    help="time spent measuring each row (after warm-up)")
+parser.add_argument("--batch-size", type=flags.positive_int, default=256, help="op: images per batch")
+parser.add_argument("--train-batch-size", type=flags.positive_int, default=128,
+                    help="train: images per step (dcgan.py's default); at most --max-images")
 parser.add_argument("--workloads", default="shapes,anime", help="train: comma-separated workloads, shapes and anime")
-parser.add_argument("--max-images", type=int, default=10000, help="train: images in each workload")
-parser.add_argument("--rounds", type=int, default=3, help="op, train: compared rows are measured in this many alternating rounds; the median is shown")
-parser.add_argument("--workers", type=int, default=2, help="worker processes of the DataLoader baselines")
+parser.add_argument("--max-images", type=flags.positive_int, default=10000, help="train: images in each workload")
+parser.add_argument("--rounds", type=flags.positive_int, default=3,
+                    help="op, train: compared rows are measured in this many alternating rounds; the median is shown")
+parser.add_argument("--workers", type=flags.nonnegative_int, default=2,
+                    help="worker processes of the DataLoader baselines (0: in the main process)")
 parser.add_argument("--compile", action="store_true", help="train: torch.compile G and D, as dcgan.py --compile")
-parser.add_argument("--anime", default=os.path.join(HERE, "..", "shared", "data", "anime-faces"), help="train: folder of anime-face JPEGs")
-parser.add_argument("--images", type=int, default=200, help="inception: 32x32 PNGs to score")
-parser.add_argument("--repeats", type=int, default=1, help="inception: timings per pipeline, interleaved; the best is kept")
+parser.add_argument("--anime", default=os.path.join(HERE, "..", "shared", "data", "anime-faces"),
+                    help="train: folder of anime-face JPEGs")
+parser.add_argument("--images", type=flags.positive_int, default=200,
+                    help=f"inception: 32x32 PNGs to score (at least {SPLITS}, one per split)")
+parser.add_argument("--repeats", type=flags.positive_int, default=1,
+                    help="inception: timings per pipeline, interleaved; the best is kept")
+
+SECTIONS = ("op", "train", "inception")
+WORKLOADS = ("shapes", "anime")
 
 
 def measure(fn, device, seconds):
@@ -293,12 +306,18 @@ def load_workload(name, args):
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
             encoded.append(buffer.getvalue())
         return encoded, bank, 32
-    files = sorted(f for f in os.listdir(args.anime) if f.lower().endswith((".jpg", ".jpeg", ".png")))[: args.max_images]
+    files = anime_files(args.anime)[: args.max_images]
     encoded = [open(os.path.join(args.anime, f), "rb").read() for f in files]
     # what data.load_images does once at load time: decode and resize to the training size
     bank = torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(b)).convert("RGB").resize(
         (64, 64), Image.Resampling.BILINEAR))).permute(2, 0, 1) for b in encoded]).contiguous()
     return encoded, bank, 64
+
+
+def anime_files(folder):
+    """The face images in folder, sorted; regular files only (a FIFO named like an image would block)."""
+    return sorted(f for f in os.listdir(folder)
+                  if f.lower().endswith((".jpg", ".jpeg", ".png")) and os.path.isfile(os.path.join(folder, f)))
 
 
 def bench_train(args, device):
@@ -432,7 +451,7 @@ def entropy(pk, qk):
         return np.where(pk > 0, pk * np.log(pk / qk), 0.0).sum()
 
 
-def reference_pipeline(folder, model, device, batch_size=32, splits=10):
+def reference_pipeline(folder, model, device, batch_size=32, splits=SPLITS):
     dataset = ReferenceDataset(folder)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     up = nn.Upsample(size=(299, 299), mode="bilinear")
@@ -455,7 +474,7 @@ def reference_pipeline(folder, model, device, batch_size=32, splits=10):
 # (b) inception_score.py
 
 
-def our_pipeline(folder, model, device, batch_size, splits=10, workers=None,
+def our_pipeline(folder, model, device, batch_size, splits=SPLITS, workers=None,
                  bf16=False, channels_last=False):
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     chunks, _ = IS.open_images(folder, chunk=batch_size)
@@ -478,7 +497,7 @@ def timed(fn, device):
     return time.perf_counter() - t0, out
 
 
-def run_inception(device="cpu", n_images=200, batch_size=None, workers=None, splits=10, repeats=1):
+def run_inception(device="cpu", n_images=200, batch_size=None, workers=None, splits=SPLITS, repeats=1):
     """Time the reference's pipeline and ours on n_images fresh 32x32 PNGs. Returns table rows
     (dicts); each pipeline is timed `repeats` times, interleaved, and its best time kept."""
     device = str(device)
@@ -540,14 +559,58 @@ def describe(device):
     return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads), torch {torch.__version__}"
 
 
+def check_args(args):
+    """Every usage error before any work (a bad last section must not cost the minutes of the first):
+    -> the device to measure on."""
+    for flag, value, known in (("--only", args.only, SECTIONS), ("--workloads", args.workloads, WORKLOADS)):
+        unknown = [name for name in value.split(",") if name not in known]
+        if unknown:
+            parser.error(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
+    sections = args.only.split(",")
+    if "inception" in sections and args.images < SPLITS:
+        parser.error(f"--images must be at least {SPLITS}: the score is averaged over {SPLITS} splits, "
+                     f"got {args.images}")
+    # memory, per image of a batch, from peak RSS on the CPU (bench.py --device cpu, --seconds 0.01):
+    # op ~0.2 MB in the main process (--batch-size 16 to 2048) plus the workers' prefetched batches;
+    # a train step at 32x32 0.86 MB (--train-batch-size 8 to 512), scaled by pixels for 64x64
+    if "op" in sections:
+        check_fits(f"--batch-size {args.batch_size}", 200 * 2**20 + args.batch_size * 2**19)
+    if "inception" in sections:  # each pipeline's 1000 class probabilities per image, float64
+        check_fits(f"--images {args.images}", args.images * 5 * 1000 * 8)
+    if "train" in sections:
+        workloads = {name: args.max_images for name in args.workloads.split(",")}  # as bench_train loads them
+        if "anime" in workloads and os.path.isdir(args.anime):
+            workloads["anime"] = min(args.max_images, len(anime_files(args.anime)))
+        for name, count in workloads.items():
+            if args.train_batch_size > count:
+                where = f"--max-images {args.max_images}" + (" and the files in --anime" if name == "anime" else "")
+                parser.error(f"--train-batch-size {args.train_batch_size} is more than the {count} image(s) of the "
+                             f"{name} workload ({where})")
+            size = 32 if name == "shapes" else 64
+            # the bank, its encoded copy for the DataLoader (no bigger than the pixels), a step's activations
+            bank = count * 3 * size * size
+            check_fits(f"train, {name}: --max-images {args.max_images} and --train-batch-size "
+                       f"{args.train_batch_size}", 2 * bank + args.train_batch_size * 2**20 * (size // 32) ** 2)
+    try:
+        return flags.resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def check_fits(what, need):
+    """Refuse (a usage error) what needs more memory than this machine has, before it is allocated."""
+    have = data.memory_bytes()
+    if need > have:
+        parser.error(f"{what} needs about {data.format_bytes(need)} of memory; this machine has "
+                     f"{data.format_bytes(have)}: use smaller values")
+
+
 def main():
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device = check_args(args)
     print(f"extension: {'C++/CUDA' if augment.load_extension() else 'reference fallback'}")
     sections = {"op": bench_op, "train": bench_train, "inception": bench_inception}
     for name in args.only.split(","):
-        if name not in sections:
-            raise SystemExit(f"bench.py: unknown section {name!r}; choose from {', '.join(sections)}")
         sections[name](args, device)
 
 

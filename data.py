@@ -4,7 +4,8 @@
     x = load_images('shapes')              # built-in procedural icons, (20000, 3, 32, 32), no download
     x = load_images('lld')                 # LLD-icon from data/lld/: hdf5, pkl, png folder or png zip
     x = load_images('anime', size=64)      # anime faces from data/anime/: centre square, resized once
-    x = load_images('some/folder_or.zip')  # any images (or an .hdf5/.pkl file), treated like anime
+    x = load_images('some/folder_or.zip')  # any images (or an .hdf5/.pkl file), at their own size
+    x = load_images('anime', limit=5000)   # only the first 5,000 are decoded (the scripts' --max-images)
 
     python data.py --data anime --image-size 64   # decode once, fill the cache, print time and memory
 
@@ -20,9 +21,13 @@ folder not writable) $XDG_CACHE_HOME/ganlab or ~/.cache/ganlab. It is keyed by t
 names, sizes, mtimes) and the image size, so a changed source or size builds a new one; a
 truncated or corrupt one is rebuilt. HDF5 and pickle files are arrays already: read directly.
 
-Only images are read: never labels or metadata (the models' only input is noise).
+Only images are read: never labels or metadata (the models' only input is noise). Only regular
+files are opened (a FIFO named like an image would block forever). What cannot work is refused
+before anything is read or allocated, with a ValueError naming the scripts' flag: an empty --data,
+an --image-size or --max-images below 1, a bank larger than the machine's memory (check_memory).
 """
 import argparse
+import collections
 import concurrent.futures
 import contextlib
 import hashlib
@@ -47,6 +52,7 @@ from tqdm import tqdm
 REPO = os.path.dirname(os.path.abspath(__file__))
 LLD_URL = 'https://data.vision.ee.ethz.ch/sagea/lld/'
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
+CHUNK_BYTES = 32 * 2**20  # pixels a decoding worker hands back at a time
 CACHE_VERSION = 1  # bump when decoding changes (filter, crop, colours): old caches are then rebuilt
 
 MISSING = {
@@ -81,7 +87,7 @@ def load_images(name_or_path='shapes', root=None, size=None, *, n=20000, seed=0,
     machine's memory (check_memory), e.g.
 
         >>> load_images('shapes', size=4096)
-        ValueError: 20,000 images at 4096x4096 need 937.5 GiB of memory; this machine has 23.4 GiB: ...
+        ValueError: 20,000 images at 4096x4096 need 937.5 GiB of memory; this machine has 23.5 GiB: ...
     """
     name_or_path = os.fspath(name_or_path)
     _check_request(name_or_path, root, size, limit, n)
@@ -102,22 +108,24 @@ def load_images(name_or_path='shapes', root=None, size=None, *, n=20000, seed=0,
         check_memory(len(names), size)
         return torch.from_numpy(_decoded_images(kind, base, names, others, size, limit, cache_dir, workers,
                                                 progress))
-    if kind == 'hdf5':
-        count, side = _hdf5_count_side(paths[0])
-        if limit is not None and limit >= count:
-            limit = None
-        count = min(count, limit or count)
-        # the file's own images are read whole; resized, the smaller bank is made beside them
-        check_memory(count, size or side, count * 3 * side * side if size and size != side else 0)
-        read = lambda: read_hdf5(paths[0], progress, limit)  # noqa: E731
-    else:  # pkl: how many images a pickle holds is known only once it is read; read_pkls checks then
-        read = lambda: read_pkls(paths, progress, limit, size)  # noqa: E731
-    if not size:
-        return torch.from_numpy(read())
-    # resized once, then cached like decoded images; the files are read only when there is no cache
-    x = _cached(paths[0], _stamp(paths), size, cache_dir, progress, lambda: _resize_bank(read(), size, progress),
-                limit)
-    return torch.from_numpy(x)
+    if kind == 'pkl':  # how many images a pickle holds is known only once it is read: read_pkls checks then
+        x = read_pkls(paths, progress, limit, size)
+        if size and x.shape[2:] != (size, size):  # resized once, then cached like decoded images
+            x = _cached(paths[0], _stamp(paths), size, cache_dir, progress, lambda: _resize_bank(x, size, progress),
+                        limit if limit is not None and limit <= len(x) else None)
+        return torch.from_numpy(x)
+    count, h, w = _hdf5_shape(paths[0])
+    if limit is not None and limit >= count:
+        limit = None
+    count = min(count, limit or count)
+    if not size or (h, w) == (size, size):
+        check_memory(count, h)
+        return torch.from_numpy(read_hdf5(paths[0], progress, limit))
+    # resized once, then cached like decoded images: the file is read only when there is no cache, and
+    # then whole, with the smaller bank made beside it
+    check_memory(count, size, count * 3 * h * w)
+    return torch.from_numpy(_cached(paths[0], _stamp(paths), size, cache_dir, progress,
+                                    lambda: _resize_bank(read_hdf5(paths[0], progress, limit), size, progress), limit))
 
 
 DEFAULT_SIZE = {'lld': 32, 'anime': 64}  # the named sets: LLD-icon's own 32, the assignment's 64 (of 96)
@@ -150,7 +158,8 @@ def memory_bytes():
 def check_memory(count, size, extra_bytes=0):
     """Refuse (ValueError) a bank of `count` uint8 images of size x size, count * 3 * size**2 bytes, plus
     `extra_bytes` held beside it while it is made, that cannot fit in memory_bytes(): before any of it is
-    allocated, rather than swapping for hours or being killed midway."""
+    allocated, rather than swapping for hours or being killed midway. (Decoding holds little beside the
+    bank: 2 chunks of at most CHUNK_BYTES per worker.)"""
     need = count * 3 * size * size + extra_bytes
     have = memory_bytes()
     if need > have:
@@ -300,14 +309,14 @@ def _hdf5_images(f, path):
     return f['data']
 
 
-def _hdf5_count_side(path):
-    """(images, side) of an LLD-icon HDF5 file, from its header: nothing is read."""
+def _hdf5_shape(path):
+    """(images, height, width) of an LLD-icon HDF5 file, from its header: no image is read."""
     try:
         with h5py.File(path, 'r') as f:
-            shape = _hdf5_images(f, path).shape
+            n, _, h, w = _hdf5_images(f, path).shape
     except OSError as e:
         raise ValueError(f'{path}: unreadable HDF5 file ({e})') from e
-    return shape[0], min(shape[2:])
+    return n, h, w
 
 
 def read_hdf5(path, progress=True, limit=None):
@@ -453,7 +462,8 @@ def decode_images(kind, base, names, size, workers=None, progress=True):
     Unreadable images are skipped with one warning that counts them."""
     if not workers:  # the cores this process may use (in a container, fewer than the machine has)
         workers = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    step = max(1, min(1000, -(-len(names) // (4 * workers))))  # >= 4 chunks a worker: an even finish
+    # >= 4 chunks a worker (an even finish), each at most CHUNK_BYTES of pixels
+    step = max(1, min(1000, -(-len(names) // (4 * workers)), CHUNK_BYTES // (3 * size * size)))
     jobs = [(kind, base, names[i:i + step], size) for i in range(0, len(names), step)]
     # fork, not spawn: the model scripts are flat files with no `if __name__ == '__main__'`, and a
     # spawned worker would run the whole script again. Where there is no fork (Windows): one process.
@@ -462,11 +472,18 @@ def decode_images(kind, base, names, size, workers=None, progress=True):
         min(workers, len(jobs)), mp_context=multiprocessing.get_context('fork')) if fork else None
     out = np.empty((len(names), 3, size, size), np.uint8)
     bad = []
+    ahead = 2 * workers  # chunks decoded before they are copied into out: the only memory beside it
     try:
         # submitting forks the workers: before tqdm starts its monitor thread
-        results = pool.map(_decode_chunk, jobs) if pool else map(_decode_chunk, jobs)
+        pending = collections.deque(pool.submit(_decode_chunk, job) for job in jobs[:ahead]) if pool else None
         with tqdm(total=len(names), desc='decode', unit='img', disable=not progress) as bar:
-            for start, (x, errors) in zip(range(0, len(names), step), results):
+            for k, start in enumerate(range(0, len(names), step)):
+                if pool:
+                    x, errors = pending.popleft().result()
+                    if k + ahead < len(jobs):
+                        pending.append(pool.submit(_decode_chunk, jobs[k + ahead]))
+                else:
+                    x, errors = _decode_chunk(jobs[k])
                 out[start:start + len(x)] = x
                 bad += [(start + i, name, why) for i, name, why in errors]
                 bar.update(len(x))
@@ -477,9 +494,10 @@ def decode_images(kind, base, names, size, workers=None, progress=True):
         shown = '; '.join(f'{name} ({why})' for _, name, why in bad[:3])
         more = ' ...' if len(bad) > 3 else ''
         warnings.warn(f'skipped {len(bad)} unreadable image(s) in {base}: {shown}{more}')
-        keep = np.ones(len(names), bool)
-        keep[[i for i, _, _ in bad]] = False
-        out = out[keep]
+        kept = np.setdiff1d(np.arange(len(names)), [i for i, _, _ in bad])
+        for to, row in enumerate(kept):  # moved up in place: a second bank-sized copy might not fit
+            out[to] = out[row]
+        out = out[:len(kept)]
     if len(out) == 0:
         raise ValueError(f'{base}: none of its {len(names)} image(s) could be read')
     return out

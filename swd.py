@@ -17,6 +17,11 @@ Lower is closer; two samples of the same distribution score a few units (the est
 noise), a generator that has not learned anything scores in the hundreds. Compare figures
 made with the same settings (image size, image count, patches), never across those.
 
+Every flag is checked before anything is loaded (--json first: a folder, a path under a file or
+one of the inputs is refused); only the first --max-images of each set are made or read; a run
+whose --patches cannot fit in memory is refused before it starts; the score is printed before
+--json is written (atomically), so a failing write loses nothing.
+
 What is computed (Karras et al. 2018, "Progressive Growing of GANs", appendix D):
 
   1. A Laplacian pyramid of each image, from full size down to 16 x 16: with blur = the
@@ -49,13 +54,20 @@ import flags
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("images", help="generated images: folder, zip, .hdf5/.pkl, or a dataset name")
 parser.add_argument("reference", help="real images, the same kinds")
-parser.add_argument("--image-size", type=flags.positive_int, default=None, help="side both sets are resized to (at least 7); if not given: the first set's own (its first image's)")
+parser.add_argument("--image-size", type=flags.positive_int, default=None,
+                    help="side both sets are resized to (at least 7); "
+                         "if not given: the first set's own (its first image's)")
 parser.add_argument("--data-root", default=None, help="folder that holds the named datasets; if not given: data.py's")
-parser.add_argument("--max-images", type=flags.positive_int, default=10000, help="use the first N images of each set (the smaller count decides; at least 2)")
-parser.add_argument("--reference-offset", type=flags.nonnegative_int, default=0, help="skip the reference's first N images: with the same set twice, the SWD of two disjoint parts (the noise floor)")
-parser.add_argument("--patches", type=flags.positive_int, default=64, help="7x7 neighbourhoods drawn per image and pyramid level")
+parser.add_argument("--max-images", type=flags.positive_int, default=10000,
+                    help="use the first N images of each set (the smaller count decides; at least 2)")
+parser.add_argument("--reference-offset", type=flags.nonnegative_int, default=0,
+                    help="skip the reference's first N images: with the same set twice, "
+                         "the SWD of two disjoint parts (the noise floor)")
+parser.add_argument("--patches", type=flags.positive_int, default=64,
+                    help="7x7 neighbourhoods drawn per image and pyramid level")
 parser.add_argument("--seed", type=flags.seed, default=0, help="seed of the patch positions and directions")
-parser.add_argument("--json", default=None, help="also write the figures to this JSON file (checked before the computation)")
+parser.add_argument("--json", default=None,
+                    help="also write the figures to this JSON file (checked before the computation)")
 
 PATCH = 7  # side of a neighbourhood
 SMALLEST_LEVEL = 16  # the pyramid stops at 16 x 16
@@ -183,6 +195,9 @@ def main(argv=None):
     try:
         if args.json is not None:
             flags.check_output_file(args.json, "--json")
+            for name in (args.images, args.reference):
+                if os.path.isfile(name) and os.path.samefile(name, args.json):
+                    parser.error(f"--json {args.json} is the input {name}: it would be overwritten; give another file")
         size = args.image_size or data.native_size(args.images, args.data_root)
         if size is not None and size < PATCH:
             parser.error(too_small(size, given=False))

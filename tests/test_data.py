@@ -227,6 +227,8 @@ def test_hdf5_resized_when_asked_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(data, '_resize_bank', None)  # resized once: the second time comes from the cache
     assert torch.equal(load(tmp_path / 'q.hdf5', size=16), x)
     assert load(tmp_path / 'q.hdf5').shape == (1, 3, 32, 32)  # size None: the file's own
+    assert load(tmp_path / 'q.hdf5', size=32).shape == (1, 3, 32, 32)  # its own size asked for: read, not cached
+    assert len(cache_files(tmp_path / '.cache')) == 1
 
 
 def test_parallel_decoding_equals_serial(tmp_path):

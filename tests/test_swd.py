@@ -161,6 +161,8 @@ def test_json_path_checked_before_the_computation(tmp_path, capsys, monkeypatch,
                              (tmp_path / "file" / "swd.json", "file is a file"), ("", "is a folder")]:
         err = refused(["shapes", "shapes", "--json", str(json_path)], capsys)
         assert "--json" in err and words in err, err
+    err = refused([str(tmp_path / "run" / "swd.json"), "shapes", "--json", str(tmp_path / "run" / "swd.json")], capsys)
+    assert "--json" in err and "would be overwritten" in err  # the input itself
     assert not loaded and (tmp_path / "run" / "swd.json").read_text() == "another run's figures"
     assert sorted(os.listdir(tmp_path / "run")) == ["swd.json"]
 
