@@ -716,11 +716,19 @@ def feature_statistics(features, source="the images"):
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
+def without_round_off(eigenvalues):
+    """Eigenvalues of a positive semi-definite matrix with those that are round-off taken as 0:
+    below d * eps * the largest, as numpy's matrix_rank and pinv judge it. Round-off can be
+    negative, and the square roots of a covariance's ~2,000 zero eigenvalues of a few images
+    would otherwise add up (to ~1e-4 in the FID of a set against itself)."""
+    floor = len(eigenvalues) * np.finfo(np.float64).eps * max(np.abs(eigenvalues).max(initial=0), 1e-300)
+    return np.where(eigenvalues > floor, eigenvalues, 0.0)
+
+
 def sqrtm_psd(a):
-    """The symmetric square root of a symmetric positive semi-definite matrix, by eigh.
-    Round-off can make the smallest eigenvalues slightly negative: they are taken as 0."""
+    """The symmetric square root of a symmetric positive semi-definite matrix, by eigh."""
     eigenvalues, eigenvectors = np.linalg.eigh((a + a.T) / 2)
-    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+    return (eigenvectors * np.sqrt(without_round_off(eigenvalues))) @ eigenvectors.T
 
 
 def trace_sqrt_product(sigma1, sigma2):
@@ -734,7 +742,7 @@ def trace_sqrt_product(sigma1, sigma2):
     root1 = sqrtm_psd(sigma1)
     middle = root1 @ sigma2 @ root1
     eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
-    return float(np.sqrt(np.clip(eigenvalues, 0, None)).sum())
+    return float(np.sqrt(without_round_off(eigenvalues)).sum())
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -1020,7 +1028,7 @@ def predict(model, batches, n, device, bf16=False, channels_last=False, pad_to=N
     never waits for the host. pad_to: pad short batches to this size (torch.compile then
     compiles one shape only)."""
     device = torch.device(device)
-    out = torch.empty(n, FID_FEATURES if fid else NUM_CLASSES, dtype=torch.float64, device=device)
+    out = None   # (n, outputs), made when the first batch shows the width
     i = 0
     with torch.inference_mode(), tqdm(total=n, unit="img", disable=not progress, file=sys.stderr,
                                       desc="FID Inception" if fid else "Inception") as bar:
@@ -1033,12 +1041,14 @@ def predict(model, batches, n, device, bf16=False, channels_last=False, pad_to=N
                 x = torch.cat([x, x.new_zeros((pad_to - b, *x.shape[1:]))])
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 y = model(x)[:b]
+            if out is None:
+                out = torch.empty(n, y.shape[1], dtype=torch.float64, device=device)
             # features as they are; softmax in float32 as the reference's F.softmax; both kept
             # in float64 from here on
             out[i:i + b] = y.float() if fid else F.softmax(y.float(), dim=1)
             i += b
             bar.update(b)
-    if i != n:
+    if i != n or out is None:
         raise ValueError(f"got {i} images, expected {n}")
     return out.cpu()
 
@@ -1305,7 +1315,8 @@ def main(argv=None):
             mu, sigma = feature_statistics(features, args.images)
             if args.save_stats:
                 save_statistics(args.save_stats, features)
-                print(f"wrote the statistics of {n} images to {args.save_stats}", file=sys.stderr)
+                result.update(saved_stats=args.save_stats)
+                lines.append(f"FID statistics of {n} images (mu, sigma, features) written to {args.save_stats}")
             references = {}
             for ref in dict.fromkeys(r for r in (args.fid, args.kid) if r is not None):
                 if is_statistics_file(ref):
