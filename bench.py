@@ -58,7 +58,8 @@ import inception_score as IS
 HERE = os.path.dirname(os.path.abspath(__file__))
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device to measure on")
-parser.add_argument("--only", default="op,train,inception,fid", help="comma-separated sections: op, train, inception, fid")
+parser.add_argument("--only", default="op,train,inception,fid", help="comma-separated sections: op, train, inception, "
+                    "fid")
 parser.add_argument("--seconds", type=float, default=3.0, help="time spent measuring each row (after warm-up)")
 parser.add_argument("--batch-size", type=int, default=256, help="op: images per batch")
 parser.add_argument("--train-batch-size", type=int, default=128, help="train: images per step (dcgan.py's default)")
@@ -69,7 +70,8 @@ parser.add_argument("--workers", type=int, default=2, help="worker processes of 
 parser.add_argument("--compile", action="store_true", help="train: torch.compile G and D, as dcgan.py --compile")
 parser.add_argument("--anime", default=os.path.join(HERE, "..", "shared", "data", "anime-faces"), help="train: folder of anime-face JPEGs")
 parser.add_argument("--images", type=int, default=200, help="inception, fid: 32x32 PNGs to score")
-parser.add_argument("--repeats", type=int, default=1, help="inception, fid: timings per pipeline, interleaved; the best is kept")
+parser.add_argument("--repeats", type=int, default=1, help="inception, fid: timings per pipeline, interleaved; the "
+                    "best is kept")
 
 
 def measure(fn, device, seconds):

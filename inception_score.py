@@ -808,10 +808,12 @@ def kernel_inception_distance(features1, features2, subsets=100, subset_size=100
     return float(np.mean(estimates)), float(np.std(estimates)), m
 
 
-def save_statistics(path, features):
+def save_statistics(path, features, mu=None, sigma=None):
     """Write mu and sigma (pytorch-fid's keys, so its tools read the file) and the float32
-    features (for KID) to a .npz, atomically: a half-written file never takes the name."""
-    mu, sigma = feature_statistics(features, path)
+    features (for KID) to a .npz, atomically: a half-written file never takes the name.
+    mu, sigma: the features' statistics if already computed."""
+    if mu is None or sigma is None:
+        mu, sigma = feature_statistics(features, path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
@@ -1131,7 +1133,8 @@ def fid_and_kid(images, reference, model=None, fid_weights=None, batch_size=None
     dict from load_statistics (KID needs its features). model: from load_fid_inception().
     Returns {'fid', 'images', and with kid: 'kid', 'kid_std', 'kid_subset_size'}:
 
-        stats = load_statistics("faces32.npz")    # python inception_score.py anime --image-size 32 --save-stats faces32.npz
+        # once: python inception_score.py anime --image-size 32 --save-stats faces32.npz
+        stats = load_statistics("faces32.npz")
         fid_net = load_fid_inception(device="cuda")
         fid_and_kid(fake, stats, model=fid_net)   # {'fid': 41.2, 'kid': 0.031, ...}
     """
@@ -1339,7 +1342,7 @@ def main(argv=None):
             features = run_network(fid_model, chunks, n, args, fid=True)
             mu, sigma = feature_statistics(features, args.images)
             if args.save_stats:
-                save_statistics(args.save_stats, features)
+                save_statistics(args.save_stats, features, mu, sigma)
                 result.update(saved_stats=args.save_stats)
                 lines.append(f"FID statistics of {n} images (mu, sigma, features) written to {args.save_stats}")
             references = {}

@@ -833,7 +833,8 @@ def test_pytorch_fid_file_from_cache_download_or_flag(tmp_path, offline, monkeyp
         IS.load_fid_inception(device="cpu")
     del sd["Mixed_7c.branch_pool.bn.running_var"]
     torch.save(sd, tmp_path / "short.pth")
-    with pytest.raises(ValueError, match=r"not FID's Inception v3 .* missing keys: Mixed_7c\.branch_pool\.bn\.running_var"):
+    missing = r"not FID's Inception v3 .* missing keys: Mixed_7c\.branch_pool\.bn\.running_var"
+    with pytest.raises(ValueError, match=missing):
         IS.load_fid_inception(str(tmp_path / "short.pth"), device="cpu")
 
 
@@ -891,7 +892,8 @@ def test_fid_equals_pytorch_fids_formula_on_features():
     mu1, s1, mu2, s2 = f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False)
     # pytorch-fid's calculate_frechet_distance, in scipy (sqrtm without its deprecated disp)
     expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
-    assert IS.frechet_distance(*IS.feature_statistics(f1), *IS.feature_statistics(f2)) == pytest.approx(expected, rel=1e-10)
+    mine = IS.frechet_distance(*IS.feature_statistics(f1), *IS.feature_statistics(f2))
+    assert mine == pytest.approx(expected, rel=1e-10)
 
 
 def mmd2_double_loop(x, y):
@@ -1011,7 +1013,8 @@ def test_cli_fid_kid_and_save_stats(tmp_path, capsys, monkeypatch, stand_in_fid)
     expected = IS.frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
     assert result["fid"] == pytest.approx(expected, rel=1e-5)
     assert result["kid"] == pytest.approx(IS.kernel_inception_distance(f1, f2)[0], rel=1e-4, abs=1e-9)
-    assert re.fullmatch(r"KID: -?\d+\.\d{5} ± \d+\.\d{5}  \(100 subsets of 5 images from each set, against .*ref.npz\)", last)
+    assert re.fullmatch(r"KID: -?\d+\.\d{5} ± \d+\.\d{5}  "
+                        r"\(100 subsets of 5 images from each set, against .*ref.npz\)", last)
     assert json.loads((tmp_path / "r.json").read_text())["fid"] == result["fid"]
     # a folder as the reference gives the same FID as its statistics
     by_folder, last, _ = run_cli(capsys, tmp_path / "samples", "--fid", tmp_path / "other", "--quiet")
@@ -1037,7 +1040,8 @@ def test_fid_and_kid_of_a_tensor(tmp_path, stand_in_fid):
     assert as_float == as_uint8 and as_float["images"] == 5 and as_float["kid_subset_size"] == 5
     f = features_of(stand_in_fid, as_png.permute(0, 2, 3, 1).numpy())
     r = IS.load_statistics(str(tmp_path / "ref.npz"))
-    assert as_float["fid"] == pytest.approx(IS.frechet_distance(f.mean(0), np.cov(f, rowvar=False), r["mu"], r["sigma"]))
+    expected = IS.frechet_distance(f.mean(0), np.cov(f, rowvar=False), r["mu"], r["sigma"])
+    assert as_float["fid"] == pytest.approx(expected)
 
 
 # ---- issue 15: bad input refused before any work, with the flag or file named
@@ -1095,7 +1099,8 @@ def test_result_printed_before_the_json_is_written(tmp_path, capsys, monkeypatch
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(IS, "write_json", disk_full)
     with pytest.raises(SystemExit) as e:
-        IS.main([str(tmp_path / "samples"), "--fid", str(tmp_path / "samples"), "--quiet", "--json", str(tmp_path / "r.json")])
+        IS.main([str(tmp_path / "samples"), "--fid", str(tmp_path / "samples"), "--quiet",
+                 "--json", str(tmp_path / "r.json")])
     assert "--json" in str(e.value.code) and "No space left on device" in str(e.value.code)
     assert capsys.readouterr().out.startswith("FID: ")
 
