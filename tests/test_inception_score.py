@@ -831,6 +831,9 @@ def test_pytorch_fid_file_from_cache_download_or_flag(tmp_path, offline, monkeyp
     cached.write_bytes(payload[:-1] + b"x")
     with pytest.raises(ValueError, match="fails its SHA-256 check"):
         IS.load_fid_inception(device="cpu")
+    torch.save({**sd, "fc.weight": torch.zeros(1000, 2048)}, tmp_path / "imagenet_fc.pth")
+    with pytest.raises(ValueError, match=r"wrong shapes: fc.weight \(1000, 2048\) \(expected \(1008, 2048\)\)"):
+        IS.load_fid_inception(str(tmp_path / "imagenet_fc.pth"), device="cpu")
     del sd["Mixed_7c.branch_pool.bn.running_var"]
     torch.save(sd, tmp_path / "short.pth")
     missing = r"not FID's Inception v3 .* missing keys: Mixed_7c\.branch_pool\.bn\.running_var"
@@ -1026,6 +1029,25 @@ def test_cli_fid_kid_and_save_stats(tmp_path, capsys, monkeypatch, stand_in_fid)
     with pytest.raises(SystemExit) as e:
         IS.main([str(tmp_path / "samples"), "--kid", str(tmp_path / "mu_sigma.npz"), "--quiet"])
     assert "KID needs the features" in str(e.value.code)
+
+
+def test_cli_dataset_name_and_image_size_read_through_data_py(tmp_path, capsys, monkeypatch, stand_in_fid):
+    import data
+    no_inception_score(monkeypatch)
+    warnings.simplefilter("ignore")
+    # a dataset name: the training scripts' images, here the built-in icons at 8 x 8
+    result, _, _ = run_cli(capsys, "shapes", "--image-size", 8, "--limit", 3, "--quiet",
+                           "--save-stats", tmp_path / "shapes.npz")
+    icons = data.load_images("shapes", size=8, progress=False)[:3].permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(IS.load_statistics(str(tmp_path / "shapes.npz"))["features"],
+                               features_of(stand_in_fid, icons), rtol=1e-6)
+    # a folder with --image-size: through data.py too (centre square, resized once), as training sees it
+    write_pngs(tmp_path / "big", make_images(n=3, size=16, seed=24))
+    run_cli(capsys, tmp_path / "big", "--image-size", 8, "--quiet", "--save-stats", tmp_path / "big.npz")
+    small = data.load_images(str(tmp_path / "big"), size=8, progress=False).permute(0, 2, 3, 1).numpy()
+    assert small.shape == (3, 8, 8, 3)
+    np.testing.assert_allclose(IS.load_statistics(str(tmp_path / "big.npz"))["features"],
+                               features_of(stand_in_fid, small), rtol=1e-6)
 
 
 def test_fid_and_kid_of_a_tensor(tmp_path, stand_in_fid):
