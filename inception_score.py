@@ -1336,6 +1336,19 @@ def main(argv=None):
             raise ValueError(f"{args.images}: {n} images, fewer than the {args.splits} splits")
         report_skipped(skipped)
         result.update(images=n, skipped=skipped)
+        # everything that can fail without running a network, first: the weights, and the cached
+        # reference statistics (a KID asked against mu and sigma alone is refused here)
+        model = load_inception(args.weights, device, channels_last=args.channels_last,
+                               compile=args.compile) if wants_is else None
+        references, reference_images = {}, {}
+        for ref in dict.fromkeys(r for r in (args.fid, args.kid) if r is not None):
+            if is_statistics_file(ref):
+                references[ref] = load_statistics(ref)
+            else:
+                reference_images[ref] = open_source(ref, args.batch_size, args.image_size, args.data_root, not args.quiet)
+        if args.kid in references and references[args.kid]["features"] is None:
+            raise ValueError(f"{args.kid} holds mu and sigma only (pytorch-fid's format): KID needs the "
+                             f"features; write them with --save-stats FILE.npz")
         if wants_fid:
             fid_model = load_fid_inception(args.fid_weights, device, channels_last=args.channels_last,
                                            compile=args.compile)
@@ -1345,17 +1358,11 @@ def main(argv=None):
                 save_statistics(args.save_stats, features, mu, sigma)
                 result.update(saved_stats=args.save_stats)
                 lines.append(f"FID statistics of {n} images (mu, sigma, features) written to {args.save_stats}")
-            references = {}
-            for ref in dict.fromkeys(r for r in (args.fid, args.kid) if r is not None):
-                if is_statistics_file(ref):
-                    references[ref] = load_statistics(ref)
-                else:
-                    ref_chunks, ref_skipped = open_source(ref, args.batch_size, args.image_size, args.data_root,
-                                                          not args.quiet)
-                    report_skipped(ref_skipped)
-                    ref_features = run_network(fid_model, ref_chunks, ref_chunks.count(), args, fid=True)
-                    ref_mu, ref_sigma = feature_statistics(ref_features, ref)
-                    references[ref] = dict(mu=ref_mu, sigma=ref_sigma, features=ref_features, images=len(ref_features))
+            for ref, (ref_chunks, ref_skipped) in reference_images.items():
+                report_skipped(ref_skipped)
+                ref_features = run_network(fid_model, ref_chunks, ref_chunks.count(), args, fid=True)
+                ref_mu, ref_sigma = feature_statistics(ref_features, ref)
+                references[ref] = dict(mu=ref_mu, sigma=ref_sigma, features=ref_features, images=len(ref_features))
             if args.fid is not None:
                 ref = references[args.fid]
                 fid = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
@@ -1364,9 +1371,6 @@ def main(argv=None):
                 lines.append(f"FID: {fid:.3f}  ({n} images against {against}: {args.fid})")
             if args.kid is not None:
                 ref = references[args.kid]
-                if ref["features"] is None:
-                    raise ValueError(f"{args.kid} holds mu and sigma only (pytorch-fid's format): KID needs the "
-                                     f"features; write them with --save-stats FILE.npz")
                 mean, std, m = kernel_inception_distance(features, ref["features"], args.kid_subsets,
                                                          args.kid_subset_size, args.seed)
                 result.update(kid=mean, kid_std=std, kid_subsets=args.kid_subsets, kid_subset_size=m,
@@ -1375,7 +1379,6 @@ def main(argv=None):
                              f"from each set, against {args.kid})")
             result.update(fid_weights=fid_model.weights_file)
         if wants_is:
-            model = load_inception(args.weights, device, channels_last=args.channels_last, compile=args.compile)
             probs = run_network(model, chunks, n, args, fid=False)
             mean, std, split_scores = score_from_probs(probs, args.splits)
             unused = n % args.splits

@@ -1023,9 +1023,10 @@ def test_cli_fid_kid_and_save_stats(tmp_path, capsys, monkeypatch, stand_in_fid)
     by_folder, last, _ = run_cli(capsys, tmp_path / "samples", "--fid", tmp_path / "other", "--quiet")
     assert by_folder["fid"] == pytest.approx(result["fid"], rel=1e-9)
     assert re.fullmatch(r"FID: \d+\.\d{3}  \(6 images against 5 reference images: .*other\)", last)
-    # pytorch-fid's statistics (mu and sigma) serve FID but cannot serve KID
+    # pytorch-fid's statistics (mu and sigma) serve FID but cannot serve KID: refused before any work
     stats = IS.load_statistics(str(tmp_path / "stats" / "ref.npz"))
     np.savez(tmp_path / "mu_sigma.npz", mu=stats["mu"], sigma=stats["sigma"])
+    monkeypatch.setattr(IS, "load_fid_inception", lambda *a, **k: pytest.fail("network loaded"))
     with pytest.raises(SystemExit) as e:
         IS.main([str(tmp_path / "samples"), "--kid", str(tmp_path / "mu_sigma.npz"), "--quiet"])
     assert "KID needs the features" in str(e.value.code)
