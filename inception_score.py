@@ -1345,7 +1345,8 @@ def main(argv=None):
             if is_statistics_file(ref):
                 references[ref] = load_statistics(ref)
             else:
-                reference_images[ref] = open_source(ref, args.batch_size, args.image_size, args.data_root, not args.quiet)
+                reference_images[ref] = open_source(ref, args.batch_size, args.image_size, args.data_root,
+                                                    not args.quiet)
         if args.kid in references and references[args.kid]["features"] is None:
             raise ValueError(f"{args.kid} holds mu and sigma only (pytorch-fid's format): KID needs the "
                              f"features; write them with --save-stats FILE.npz")
