@@ -137,5 +137,10 @@ def check_output_file(path, flag):
         raise ValueError(f"{flag} {path!r} is a folder: give a file name")
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise ValueError(f"{flag} {path}: the file exists and is not writable")
-    check_output_folder(os.path.dirname(os.path.abspath(path)), flag)
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = _nearest_existing(folder)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{flag} {path} is under {existing}, which is a file: give a path in a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {existing} is not writable: give a path you can write to")
     return path

@@ -47,7 +47,8 @@ def add_run_flags(parser, epochs, batch_size, augment="none", what_samples="G's 
     group.add_argument("--data", default="shapes", help="shapes (built in), lld, anime, or a folder/file of images")
     group.add_argument("--data-root", default=None, help="folder that holds the datasets; if not given: data.py's")
     group.add_argument("--image-size", type=flags.positive_int, default=None,
-                       help="side of the images in pixels; if not given: the data's own, or the checkpoint's")
+                       help="side of the images in pixels; if not given: the checkpoint's, or 32 for shapes and lld, "
+                            "64 for anime, a folder's, zip's, .hdf5's or .pkl's own")
     group.add_argument("--max-images", type=flags.positive_int, default=None,
                        help="use only the first N images (quick runs); if not given: all")
     group.add_argument("--augment", default=augment,
