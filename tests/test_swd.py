@@ -158,7 +158,7 @@ def test_json_path_checked_before_the_computation(tmp_path, capsys, monkeypatch,
     (tmp_path / "run" / "swd.json").write_text("another run's figures")
     (tmp_path / "file").write_text("a file")
     for json_path, words in [(tmp_path / "run", "is a folder"), (str(tmp_path / "run") + "/", "is a folder"),
-                             (tmp_path / "file" / "swd.json", "file is a file"), ("", "is a folder")]:
+                             (tmp_path / "file" / "swd.json", "which is a file"), ("", "is a folder")]:
         err = refused(["shapes", "shapes", "--json", str(json_path)], capsys)
         assert "--json" in err and words in err, err
     err = refused([str(tmp_path / "run" / "swd.json"), "shapes", "--json", str(tmp_path / "run" / "swd.json")], capsys)
