@@ -46,6 +46,7 @@ group.add_argument("--g-loss", default="non-saturating", choices=["non-saturatin
                    help="G's loss: -log D(G(z)), or the original log(1 - D(G(z)))")
 group.add_argument("--diffaug", default="none",
                    help="DiffAugment of real and fake images in both updates, e.g. color,translation,cutout; or none")
+# and the flags every script shares: data, epochs, batch size, seed, device, output, resume
 training.add_run_flags(parser, epochs=25, batch_size=128)
 MUST_MATCH = ["image_size", "nz", "ngf", "ndf"]  # a checkpoint only fits networks of the same shapes
 

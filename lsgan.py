@@ -47,6 +47,7 @@ group.add_argument("--lr-d", type=flags.positive_float, default=2e-4, help="D's 
 group.add_argument("--d-steps", type=flags.positive_int, default=1, help="D updates per G update, each on a new batch")
 group.add_argument("--diffaug", default="none",
                    help="DiffAugment of real and fake images in both updates, e.g. color,translation,cutout; or none")
+# and the flags every script shares: data, epochs, batch size, seed, device, output, resume
 training.add_run_flags(parser, epochs=25, batch_size=128)
 MUST_MATCH = ["image_size", "nz", "ngf", "ndf"]  # a checkpoint only fits networks of the same shapes
 

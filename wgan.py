@@ -54,6 +54,7 @@ group.add_argument("--gp", type=flags.nonnegative_float, default=0.0,
                    help="weight of the gradient penalty (WGAN-GP; 10 in the paper); 0: weight clipping")
 group.add_argument("--diffaug", default="none",
                    help="DiffAugment of real and fake images in both updates, e.g. color,translation,cutout; or none")
+# and the flags every script shares: data, epochs, batch size, seed, device, output, resume
 training.add_run_flags(parser, epochs=25, batch_size=64)
 MUST_MATCH = ["image_size", "nz", "ngf", "ndf", "gp"]  # a checkpoint only fits the same networks (--gp: no BatchNorm)
 
