@@ -117,7 +117,8 @@ def print_table(title, rows):
     print(f"\n{title}")
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for n, row in enumerate(rows):
-        print("  " + "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        print("  " + "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))))
         if n == 0:
             print("  " + "  ".join("-" * w for w in widths))
 
@@ -202,7 +203,8 @@ def bench_op(args, device):
         rows.append((f"{name} fused warp_batch", f"{fused:,.0f}", f"{fused / chain:.1f}x", f"{fused / pillow:.1f}x"))
         if "scalar" in rates:
             scalar = rates["scalar"] * B
-            rows.append((f"{name} fused, scalar loop", f"{scalar:,.0f}", f"{scalar / chain:.1f}x", f"{scalar / pillow:.1f}x"))
+            rows.append((f"{name} fused, scalar loop", f"{scalar:,.0f}", f"{scalar / chain:.1f}x",
+                         f"{scalar / pillow:.1f}x"))
         rows.append((f"{name} chain of PyTorch ops", f"{chain:,.0f}", "1.0x", f"{chain / pillow:.1f}x"))
         rows.append((f"{name} Pillow + DataLoader(2 workers)", f"{pillow:,.0f}", "", "1.0x"))
 
@@ -223,7 +225,8 @@ def bench_op(args, device):
         p = augment.random_diffaug(B, size, size, generator=g, device=device)
         rates = measure_alternating({
             "fused": lambda: augment.diff_augment(x, p).sum().backward(),
-            "chain": lambda: augment.diff_augment_reference(x, p).sum().backward()}, device, 2 * args.seconds, args.rounds)
+            "chain": lambda: augment.diff_augment_reference(x, p).sum().backward()},
+            device, 2 * args.seconds, args.rounds)
         fused, chain = rates["fused"] * B, rates["chain"] * B
         rows.append((f"DiffAugment {size}x{size} fwd+bwd fused", f"{fused:,.0f}", f"{fused / chain:.1f}x", ""))
         rows.append((f"DiffAugment {size}x{size} fwd+bwd reference", f"{chain:,.0f}", "1.0x", ""))
@@ -344,7 +347,8 @@ def bench_train(args, device):
             index = position["order"][position["i"] * B: (position["i"] + 1) * B]
             position["i"] += 1
             theta = augment.random_affine(B, flip=0.5, generator=gen, device=device)
-            return augment.warp_batch(bank_dev, index, theta, S, padding="reflection", dtype=image_dtype, check_index=False)
+            return augment.warp_batch(bank_dev, index, theta, S, padding="reflection", dtype=image_dtype,
+                                      check_index=False)
 
         loader = torch.utils.data.DataLoader(EncodedImages(encoded, S), batch_size=B, shuffle=True, drop_last=True,
                                              num_workers=args.workers, persistent_workers=args.workers > 0,
@@ -369,7 +373,8 @@ def bench_train(args, device):
         del stream, loader
 
         rows = [("pipeline", "images/s", "vs DataLoader", "data / step")]
-        rows.append(("train: fused (dcgan.py)", f"{fused:,.0f}", f"{fused / baseline:.2f}x", f"{fused / fused_data:.1%}"))
+        rows.append(("train: fused (dcgan.py)", f"{fused:,.0f}", f"{fused / baseline:.2f}x",
+                     f"{fused / fused_data:.1%}"))
         rows.append((f"train: DataLoader ({args.workers} workers)", f"{baseline:,.0f}", "1.00x", ""))
         rows.append(("train step alone, fixed batch", f"{step_only:,.0f}", f"{step_only / baseline:.2f}x", ""))
         rows.append(("data alone: fused", f"{fused_data:,.0f}", "", ""))

@@ -29,13 +29,15 @@ if "build_ext" in sys.argv or os.environ.get("GANLAB_BUILD_EXT") == "1":
         extension = CUDAExtension("_ganlab_C", sources, extra_compile_args={"cxx": ["-O3"] + openmp, "nvcc": ["-O3"]},
                                   extra_link_args=openmp)
     else:
-        extension = CppExtension("_ganlab_C", sources, extra_compile_args={"cxx": ["-O3"] + openmp}, extra_link_args=openmp)
+        extension = CppExtension("_ganlab_C", sources, extra_compile_args={"cxx": ["-O3"] + openmp},
+                                 extra_link_args=openmp)
     ext_modules, cmdclass = [extension], {"build_ext": BuildExtension}
 
 setup(
     name="ganlab",
     version="0.1.0",
-    description="Classic generative image models (VAE, DCGAN, LSGAN, WGAN), one readable script each, with a fused C++/CUDA data path",
+    description="Classic generative image models (VAE, DCGAN, LSGAN, WGAN), one readable script each, "
+                "with a fused C++/CUDA data path",
     python_requires=">=3.9",
     py_modules=[],  # scripts and modules run from the checkout
     packages=[],

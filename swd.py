@@ -51,7 +51,8 @@ import torch.nn.functional as F
 import data
 import flags
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("images", help="generated images: folder, zip, .hdf5/.pkl, or a dataset name")
 parser.add_argument("reference", help="real images, the same kinds")
 parser.add_argument("--image-size", type=flags.positive_int, default=None,
@@ -135,7 +136,8 @@ def swd(images, reference, patches=64, seed=0, rounds=4, directions_per_round=12
     """SWD x 1e3 per pyramid level between two uint8 (N, 3, S, S) tensors of equal size and
     count: {side in pixels: distance}, plus 'average'."""
     if images.shape != reference.shape:
-        raise ValueError(f"swd: the two sets must have the same shape, got {tuple(images.shape)} and {tuple(reference.shape)}")
+        raise ValueError(f"swd: the two sets must have the same shape, "
+                         f"got {tuple(images.shape)} and {tuple(reference.shape)}")
     if images.shape[-1] < PATCH or images.shape[-2] != images.shape[-1]:
         raise ValueError(f"swd: images must be square and at least {PATCH}x{PATCH}, got {tuple(images.shape[2:])}")
     generator = torch.Generator().manual_seed(seed)

@@ -765,7 +765,8 @@ def test_cuda_diffaug_equals_cpu(dtype):
     p = params_for(x, seed=3)
     pc = DiffAugParams(*(t.cuda() for t in p))
     torch.testing.assert_close(augment.diff_augment(x.cuda(), pc).cpu().float(),
-                               augment.diff_augment(x, p).float(), atol=1e-5 if dtype != torch.bfloat16 else 0.02, rtol=0)
+                               augment.diff_augment(x, p).float(),
+                               atol=1e-5 if dtype != torch.bfloat16 else 0.02, rtol=0)
     g = torch.randn_like(x)
     torch.testing.assert_close(torch.ops.ganlab.diffaug_backward(g.cuda(), *pc[1:]).cpu().float(),
                                torch.ops.ganlab.diffaug_backward(g, *p[1:]).float(),

@@ -11,7 +11,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_bench(*args):
-    result = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--seconds", "0.01", "--rounds", "1", *args],
+    result = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--seconds", "0.01", "--rounds", "1",
+                             *args],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout

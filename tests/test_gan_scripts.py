@@ -125,7 +125,8 @@ def test_training_writes_grid_curves_and_checkpoint(script, flags, tmp_path):
         assert not any("running_mean" in k for k in state["D"])
     elif script == "wgan":  # WGAN: RMSprop(5e-5), weights clipped to [-0.01, 0.01]
         assert "betas" not in state["opt_d"]["param_groups"][0] and state["opt_d"]["param_groups"][0]["lr"] == 5e-5
-        assert max(p.abs().max().item() for k, p in state["D"].items() if "running" not in k and "num_batches" not in k) <= 0.01
+        assert max(p.abs().max().item() for k, p in state["D"].items()
+                   if "running" not in k and "num_batches" not in k) <= 0.01
     else:
         assert state["opt_d"]["param_groups"][0]["betas"] == (0.5, 0.999)
 
@@ -146,7 +147,8 @@ def test_image_size_nz_and_sample_size(tmp_path):
     folder = run("lsgan", tmp_path, "--epochs", 1, "--image-size", 64, "--nz", 16, "--sample", 3)
     assert ckpt(folder)["G"]["net.0.weight"].shape[0] == 16  # (nz, ngf*8, 4, 4)
     assert Image.open(os.path.join(folder, "grid.png")).size == (8 * 66 + 2, 8 * 66 + 2)
-    assert {Image.open(os.path.join(folder, "samples", f)).size for f in os.listdir(os.path.join(folder, "samples"))} == {(64, 64)}
+    samples = os.path.join(folder, "samples")
+    assert {Image.open(os.path.join(samples, f)).size for f in os.listdir(samples)} == {(64, 64)}
 
 
 # -----------------------------------------------------------------------------
@@ -315,8 +317,11 @@ def test_flags_reach_the_training_loop(tmp_path, monkeypatch):
     real_affine, real_diffaug = dcgan.random_affine, dcgan.random_diffaug
     monkeypatch.setattr(dcgan, "random_affine", lambda *a, **k: seen["affine"].append(k) or real_affine(*a, **k))
     monkeypatch.setattr(dcgan, "random_diffaug", lambda *a, **k: seen["diffaug"].append(a) or real_diffaug(*a, **k))
-    monkeypatch.setattr(training, "CurveLog", lambda every, **k: seen.update(every=every) or outputs.CurveLog(every, **k))
-    monkeypatch.setattr(data, "load_images", lambda name, root=None, size=None, **kw: seen["load"].append(root) or _cached_load(name, None, size))
+    monkeypatch.setattr(training, "CurveLog",
+                        lambda every, **k: seen.update(every=every) or outputs.CurveLog(every, **k))
+    monkeypatch.setattr(data, "load_images",
+                        lambda name, root=None, size=None, **kw: seen["load"].append(root)
+                        or _cached_load(name, None, size))
     folder = run("dcgan", tmp_path, "--epochs", 1, "--augment", "flip,translate=0.1,scale=1.2,rotate=15",
                  "--diffaug", "translation", "--g-loss", "saturating", "--d-steps", 2, "--ema", 0,
                  "--lr-g", 1e-3, "--lr-d", 3e-4, "--seed", 3, "--device", "cpu", "--data-root", tmp_path,
@@ -376,7 +381,8 @@ def test_default_out_folder_is_under_out(tmp_path, monkeypatch):
     (["--image-size", 30], "--image-size 30: give 3, 4 or 5 times a power of 2"),
     (["--image-size", 8], "--image-size 8: give 3, 4 or 5 times a power of 2 of at least 4"),
     (["--batch-size", 100], "more than the 64 images"),
-    pytest.param(["--device", "cuda"], "no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
+    pytest.param(["--device", "cuda"], "no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
 ])
 def test_bad_input_is_a_clear_error(argv, expected, tmp_path, capsys):
     assert expected in error_of(capsys, "dcgan", TINY + ["--out", tmp_path / "bad", "--epochs", 1] + argv)

@@ -328,8 +328,10 @@ def test_strict_load_with_and_without_batch_counters(tmp_path, model):
     (lambda sd: sd.pop("Mixed_6c.branch7x7_2.bn.running_var"), "missing keys: Mixed_6c.branch7x7_2.bn.running_var"),
     (lambda sd: sd.pop("AuxLogits.fc.weight"), "missing keys: AuxLogits.fc.weight"),
     (lambda sd: sd.__setitem__("Mixed_5b.extra.weight", torch.zeros(3)), "unexpected keys: Mixed_5b.extra.weight"),
-    (lambda sd: sd.__setitem__("fc.weight", torch.zeros(10, 2048)), "wrong shapes: fc.weight (10, 2048) (expected (1000, 2048))"),
-    (lambda sd: sd.__setitem__("Conv2d_1a_3x3.conv.weight", torch.zeros(32, 3, 3)), "wrong shapes: Conv2d_1a_3x3.conv.weight (32, 3, 3)"),
+    (lambda sd: sd.__setitem__("fc.weight", torch.zeros(10, 2048)),
+     "wrong shapes: fc.weight (10, 2048) (expected (1000, 2048))"),
+    (lambda sd: sd.__setitem__("Conv2d_1a_3x3.conv.weight", torch.zeros(32, 3, 3)),
+     "wrong shapes: Conv2d_1a_3x3.conv.weight (32, 3, 3)"),
 ])
 def test_wrong_keys_or_shapes_refused(random_sd, damage, message):
     sd = dict(random_sd)
@@ -342,7 +344,8 @@ def test_wrong_file_refused_by_load(tmp_path, random_sd):
     sd = dict(random_sd)
     sd["AuxLogits.extra"] = torch.zeros(1)
     torch.save(sd, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match=r"bad.pth is not torchvision's Inception v3 state dict: 1 unexpected keys: AuxLogits.extra"):
+    with pytest.raises(ValueError, match=r"bad.pth is not torchvision's Inception v3 state dict: "
+                                         r"1 unexpected keys: AuxLogits.extra"):
         IS.load_inception(str(tmp_path / "bad.pth"), device="cpu")
 
 

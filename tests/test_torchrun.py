@@ -168,7 +168,8 @@ def test_nan_on_one_process_stops_both_at_the_same_step(tmp_path):
     assert ckpt(tmp_path / "run")["step"] == 4
 
 
-@pytest.mark.parametrize("script,flags", [("lsgan", []), ("wgan", ["--gp", 10, "--d-steps", 2])], ids=["lsgan", "wgan-gp"])
+@pytest.mark.parametrize("script,flags", [("lsgan", []), ("wgan", ["--gp", 10, "--d-steps", 2])],
+                         ids=["lsgan", "wgan-gp"])
 def test_the_other_objectives_train_with_two_processes(script, flags, tmp_path):
     ok(torchrun(tmp_path, script, TINY + ["--epochs", 1, "--out", tmp_path / "run", *flags]))
     assert ckpt(tmp_path / "run")["script"] == script  # and every process held the same weights at the save
@@ -198,7 +199,8 @@ optimizers = [torch.optim.Adam(m.parameters(), lr=1e-3, betas=(0.0, 0.9)) for m 
 for step in range(3):
     real, fake = torch.rand(8, 3, 16, 16) * 2 - 1, torch.rand(8, 3, 16, 16) * 2 - 1
     e = torch.rand(8, 1, 1, 1)
-    for net, wrapped, share, opt in [(D, D_train, run.share, optimizers[0]), (alone, alone, lambda x: x, optimizers[1])]:
+    for net, wrapped, share, opt in [(D, D_train, run.share, optimizers[0]),
+                                     (alone, alone, lambda x: x, optimizers[1])]:
         r, f = share(real), share(fake)
         loss = wgan.mean(wrapped(f)) - wgan.mean(wrapped(r))
         loss = loss + 10 * wgan.gradient_penalty(net, r, f, share(e), contextlib.nullcontext())
