@@ -37,6 +37,9 @@ if fault == "ctrl-c":  # the signal reaches process 0 during step 3 and process 
             signal.raise_signal(signal.SIGINT)
         return real_log(self, step, epoch, **values)
     training.Run.log = log
+if fault == "compile":  # torch.compile's graph capture without inductor's slow C++ build
+    import functools, torch
+    torch.compile = functools.partial(torch.compile, backend="eager")
 if fault == "nan" and rank == 1:  # process 1's images turn NaN from its 6th batch on
     real_warp, calls = script.warp_batch, []
     def warp_batch(*args, **kwargs):
@@ -173,6 +176,14 @@ def test_nan_on_one_process_stops_both_at_the_same_step(tmp_path):
 def test_the_other_objectives_train_with_two_processes(script, flags, tmp_path):
     ok(torchrun(tmp_path, script, TINY + ["--epochs", 1, "--out", tmp_path / "run", *flags]))
     assert ckpt(tmp_path / "run")["script"] == script  # and every process held the same weights at the save
+
+
+def test_compile_and_ema_work_with_two_processes(tmp_path):
+    ok(torchrun(tmp_path, "dcgan", TINY + ["--epochs", 1, "--compile", "--ema", 0.9, "--out", tmp_path / "run"],
+                fault="compile"))
+    state = ckpt(tmp_path / "run")
+    assert state["step"] == 4 and not any(k.startswith(("_orig_mod.", "module.")) for k in state["D"])
+    assert not torch.equal(state["G_ema"]["net.0.weight"], state["G"]["net.0.weight"])
 
 
 def test_batch_not_divisible_by_the_processes_is_refused(tmp_path):
