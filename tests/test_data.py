@@ -422,7 +422,8 @@ def test_shapes_labels_say_what_is_drawn():
     channel = np.abs(span).argmax(1, keepdims=True)  # the channel where the colours differ most
     alpha = np.take_along_axis((x - backgrounds[:, :, None, None]) / span, channel, 1)
     area = alpha.sum(axis=(1, 2, 3)) / 32 ** 2
-    unit = {'disc': np.pi, 'square': 1.6 ** 2, 'triangle': 3 * np.sqrt(3) / 4 * 1.2 ** 2, 'plus': 2 * 2 * 0.66 - 0.66 ** 2}
+    unit = {'disc': np.pi, 'square': 1.6 ** 2, 'triangle': 3 * np.sqrt(3) / 4 * 1.2 ** 2,
+            'plus': 2 * 2 * 0.66 - 0.66 ** 2}
     for m, shape in enumerate(data.SHAPES):
         a = area[labels['shape'] == m]
         assert len(a) > 100
