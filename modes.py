@@ -6,6 +6,7 @@ is trained on the built-in set's own labels (seconds on a CPU) and cached.
     python modes.py out/dcgan-shapes/samples                 # a folder of 1.png ... N.png, or a zip
     python modes.py out/dcgan-shapes/samples --json out/dcgan-shapes/modes.json
     python modes.py shapes --max-images 2000                 # real icons: the top of every scale
+    python modes.py out/dcgan-shapes/grids --grids           # each per-epoch grid (64 samples), in step order
 
 The last line printed is
 
@@ -43,6 +44,7 @@ import inspect
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -51,6 +53,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 import data
 
@@ -62,6 +65,9 @@ parser.add_argument("--data-root", default=None, help="folder that holds the nam
 parser.add_argument("--cache-dir", default=None,
                     help="where the classifier is kept; if not given: $GANLAB_CACHE, else ~/.cache/ganlab")
 parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+parser.add_argument("--grids", action="store_true",
+                    help="images is a folder of sample grids (icons with 2-pixel gaps, as the scripts write "
+                         "grids/epoch-*-step-*.png): score each grid on its own, ordered by the numbers in the names")
 
 VERSION = 1  # bump when the classifier or its training changes: the cache key includes it
 SIZE = 32  # the classifier's input side; other sizes are resized by data.load_images
@@ -276,10 +282,49 @@ def summary(result):
             f"KL {result['kl']:.3f}  ({result['count']} images)")
 
 
+def grid_tiles(path, side=SIZE, padding=2):
+    """A PNG grid written by outputs.save_grid (icons left to right, `padding` black pixels around
+    each) -> uint8 (N, 3, side, side), its icons in order."""
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    rows, columns = (grid.shape[0] - padding) // (side + padding), (grid.shape[1] - padding) // (side + padding)
+    if rows < 1 or columns < 1 or grid.shape[:2] != (rows * (side + padding) + padding,
+                                                      columns * (side + padding) + padding):
+        raise ValueError(f"{path}: {grid.shape[1]}x{grid.shape[0]} is not a grid of {side}-pixel icons "
+                         f"with {padding}-pixel gaps")
+    tiles = [grid[padding + r * (side + padding):(r + 1) * (side + padding),
+                  padding + c * (side + padding):(c + 1) * (side + padding)]
+             for r in range(rows) for c in range(columns)]
+    return torch.from_numpy(np.stack(tiles).transpose(0, 3, 1, 2).copy())
+
+
+def score_grids(folder, model):
+    """Every *.png grid in folder, ordered by the numbers in its name (epoch-0003-step-234.png),
+    -> [(name, score)]."""
+    names = sorted((f for f in os.listdir(folder) if f.lower().endswith(".png")),
+                   key=lambda f: [int(d) for d in re.findall(r"[0-9]+", f)])
+    if not names:
+        raise ValueError(f"{folder}: no .png grids in it")
+    return [(name, score(grid_tiles(os.path.join(folder, name)), model)) for name in names]
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
     if args.max_images < 1:
         parser.error("--max-images must be at least 1")
+    if args.grids:
+        if not os.path.isdir(args.images):
+            parser.error(f"--grids: {args.images} is not a folder of grid PNGs")
+        model, accuracy = load_classifier(args.cache_dir)
+        try:
+            results = score_grids(args.images, model)
+        except (OSError, ValueError) as error:
+            parser.error(str(error))
+        if args.json:
+            _write_json(args.json, [{"grid": name, **r, "kl": None if math.isinf(r["kl"]) else r["kl"]}
+                                    for name, r in results])
+        for name, result in results:
+            print(f"{name}: {summary(result)}")
+        return results
     try:
         images = data.load_images(args.images, root=args.data_root, size=SIZE)[:args.max_images]
     except (FileNotFoundError, ValueError) as error:
@@ -287,15 +332,20 @@ def main(argv=None):
     model, accuracy = load_classifier(args.cache_dir)
     result = score(torch.as_tensor(images), model)
     result["classifier_held_out_accuracy"] = accuracy
-    if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        fd, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:  # inf is not JSON: nothing recognised is written as null
-            json.dump({"images": args.images, **result, "kl": None if math.isinf(result["kl"]) else result["kl"],
-                       "mode_names": [mode_name(m) for m in range(MODES)]}, f, indent=2)
-        os.replace(temporary, args.json)
+    if args.json:  # inf is not JSON: nothing recognised is written as null
+        kl = None if math.isinf(result["kl"]) else result["kl"]
+        _write_json(args.json, {"images": args.images, **result, "kl": kl,
+                                "mode_names": [mode_name(m) for m in range(MODES)]})
     print(summary(result))
     return result
+
+
+def _write_json(path, content):
+    """Atomically: a temporary file in the same folder, then os.replace."""
+    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(content, f, indent=2)
+    os.replace(temporary, path)
 
 
 if __name__ == "__main__":

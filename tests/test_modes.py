@@ -116,6 +116,23 @@ def test_command_scores_a_folder_and_a_zip(trained, tmp_path, capsys):
     assert from_zip["count"] == 30
 
 
+def test_grids_scored_one_by_one_in_step_order(trained, tmp_path, capsys):
+    from outputs import make_grid, png_bytes
+    folder = tmp_path / "grids"
+    folder.mkdir()
+    real = icons(64, seed=81)
+    (folder / "epoch-0010-step-780.png").write_bytes(png_bytes(make_grid(real, 8)))
+    (folder / "epoch-0002-step-156.png").write_bytes(png_bytes(make_grid(torch.zeros_like(real), 8)))
+    results = modes.main([str(folder), "--grids", "--cache-dir", trained[2]])
+    assert [name for name, _ in results] == ["epoch-0002-step-156.png", "epoch-0010-step-780.png"]  # 2 before 10
+    assert results[0][1]["recognised"] == 0 and results[1][1]["recognised"] >= 0.95
+    torch.testing.assert_close(modes.grid_tiles(folder / "epoch-0010-step-780.png"), real)  # lossless PNG
+    Image.new("RGB", (50, 40)).save(folder / "epoch-0011-step-858.png")
+    with pytest.raises(SystemExit) as exit_info:
+        modes.main([str(folder), "--grids", "--cache-dir", trained[2]])
+    assert exit_info.value.code == 2 and "is not a grid of 32-pixel icons" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["missing-folder"], "no such file or folder"),
     (["shapes", "--max-images", "0"], "--max-images must be at least 1"),
