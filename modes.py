@@ -18,7 +18,7 @@ colours x 3 backgrounds = 36 modes, each 1/36 of the data (data.make_shapes). Fo
 
   recognised  the share the classifier names confidently: each of its three answers (shape,
               colour, background) has probability >= 0.9, and the shape is not "no icon".
-              A quality measure: blurred blobs, colour fields and half-formed marks fail it.
+              A quality measure: noise, colour fields, blurred blobs and blends of two icons fail it.
   covered     how many of the 36 modes at least one recognised sample falls in.
   KL          KL(p || q) = sum_m p_m log(p_m / q_m) in nats, p the recognised samples' mode
               histogram, q the data's (uniform, 1/36). 0 for a generator that spreads its
@@ -34,8 +34,8 @@ blends of two icons. Its held-out accuracy (2,000 new icons; 1,000 new non-icons
 printed when it is trained and stored beside its weights: in our run 100.00% of the icons' modes
 right, 99.85% recognised, 99.30% of the non-icons rejected (tests/test_modes.py requires >= 99%,
 >= 98%, >= 97%); training took 34 s of one-thread CPU. The cache file goes to --cache-dir, else
-$GANLAB_CACHE, else $XDG_CACHE_HOME/ganlab or ~/.cache/ganlab, written atomically; its name carries a hash of
-the set's definition, so a changed data.make_shapes trains a new one.
+$GANLAB_CACHE, else $XDG_CACHE_HOME/ganlab or ~/.cache/ganlab, written atomically; its name
+carries a hash of the set's definition, so a changed data.make_shapes trains a new one.
 """
 
 import argparse
