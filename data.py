@@ -639,77 +639,82 @@ def _write_cache(path, x, prefix):
 
 # ---------------------------------------------------------------- shapes: a built-in procedural set
 
-# flat colours, as on most logos: white, black, red, orange, yellow, green, teal, blue, purple, pink
-PALETTE = np.array([[245, 245, 245], [30, 30, 30], [220, 50, 47], [240, 140, 30], [250, 210, 40],
-                    [60, 170, 75], [30, 150, 160], [40, 90, 200], [130, 70, 180], [235, 110, 160]],
-                   np.float32)
-
-# each shape: offsets (dx, dy) of pixels from its centre, and its radius r, in image widths -> inside?
-SHAPES = {
-    'disc': lambda dx, dy, r: dx ** 2 + dy ** 2 < r ** 2,
-    'ring': lambda dx, dy, r: abs(np.hypot(dx, dy) - 0.75 * r) < 0.25 * r,
-    'square': lambda dx, dy, r: np.maximum(abs(dx), abs(dy)) < 0.8 * r,
-    'diamond': lambda dx, dy, r: abs(dx) + abs(dy) < r,
-    'triangle': lambda dx, dy, r: (dy < 0.7 * r) & (abs(dx) < 0.55 * (dy + r)),
-    'plus': lambda dx, dy, r: (np.minimum(abs(dx), abs(dy)) < 0.25 * r) & (np.maximum(abs(dx), abs(dy)) < r),
-    'T': lambda dx, dy, r: (abs(dy) < r) & (abs(dx) < 0.8 * r) & ((dy < -0.6 * r) | (abs(dx) < 0.2 * r)),
-    'L': lambda dx, dy, r: (abs(dy) < r) & (abs(dx) < 0.7 * r) & ((dy > 0.6 * r) | (dx < -0.3 * r)),
-}
+# The set is built from three factors, each drawn uniformly and independently, so every one of the
+# 4 x 3 x 3 = 36 modes (shape, mark colour, background) holds 1/36 of the icons: about 140 of 5,000,
+# enough for a small GAN to learn each one. The mark colours and the backgrounds are disjoint sets,
+# so every mark stands out from its background.
+SHAPES = ('disc', 'square', 'triangle', 'plus')
+MARK_COLOURS = {'red': (215, 45, 45), 'green': (40, 150, 75), 'blue': (45, 100, 215)}
+BACKGROUNDS = {'white': (240, 240, 236), 'navy': (30, 40, 70), 'yellow': (250, 205, 60)}
+EDGE_PX = 1.5  # width in pixels of the soft edge over which a mark fades into its background
 
 
-def make_shapes(n=20000, size=32, seed=0):
-    """Logo-like icons, uint8 (n, 3, size, size), the same for the same seed.
+def make_shapes(n=20000, size=32, seed=0, labels=False):
+    """Logo-like icons, uint8 (n, 3, size, size), the same for the same seed; with labels=True,
+    (icons, {'shape', 'colour', 'background': int64 (n,)}), indices into SHAPES, MARK_COLOURS and
+    BACKGROUNDS (in their order), for classifiers that measure what a generator covers (modes.py).
 
-    Each: a plain or two-tone background, one shape (disc, ring, square, diamond, triangle, plus, or a
-    letter-like T or L) in a third colour, sometimes with a bar below it like a word mark. Few colours
-    and shapes, so a small GAN learns the set in minutes.
+    Each icon: one large mark (disc, square, triangle or plus) in one of 3 colours, on a plain
+    background of one of 3 colours, near the centre, with anti-aliased soft edges. 20,000 icons
+    take about a second. Deliberately few factors: the set must be learnable in minutes on a CPU
+    (README, "Quickstart"), and its 36 modes are what `python modes.py` counts.
     """
     rng = np.random.default_rng(seed)
-    k = len(PALETTE)
     # every random choice is drawn up front, so the result does not depend on the chunks below
-    bg = rng.integers(k, size=n)
-    bg2 = (bg + rng.integers(1, k, size=n)) % k  # second background colour, never the first
-    fg = rng.integers(k - 2, size=n)  # 0..k-3, then stepped over both background colours
-    fg += fg >= np.minimum(bg, bg2)
-    fg += fg >= np.maximum(bg, bg2)
-    bar = rng.random(n) < 0.3
-    p = dict(bg=bg, bg2=bg2, fg=fg, bar=bar,
-             split=rng.choice(4, size=n, p=[0.55, 0.15, 0.15, 0.15]),  # plain, left|right, top/bottom, diag.
-             shape=rng.integers(len(SHAPES), size=n),
-             cx=rng.uniform(0.4, 0.6, n).astype(np.float32),
-             cy=(rng.uniform(0.4, 0.6, n) - 0.1 * bar).astype(np.float32),  # room for the bar below
-             r=rng.uniform(0.2, 0.3, n).astype(np.float32))
+    p = dict(shape=rng.integers(len(SHAPES), size=n),
+             colour=rng.integers(len(MARK_COLOURS), size=n),
+             background=rng.integers(len(BACKGROUNDS), size=n),
+             cx=rng.uniform(0.46, 0.54, n).astype(np.float32),  # centre, in image widths
+             cy=rng.uniform(0.46, 0.54, n).astype(np.float32),
+             r=rng.uniform(0.26, 0.34, n).astype(np.float32))  # radius: the mark spans about 60% of the icon
     out = np.empty((n, 3, size, size), np.uint8)
     step = max(1, 2 ** 20 // size ** 2)  # icons per chunk: a few MB of temporaries
     for i in range(0, n, step):
         out[i:i + step] = _draw_icons({name: v[i:i + step] for name, v in p.items()}, size)
+    if labels:
+        return out, {name: p[name].astype(np.int64) for name in ('shape', 'colour', 'background')}
     return out
 
 
+def _signed_distance(shape, dx, dy, r):
+    """Distance (in image widths) from pixel offsets (dx, dy) to a mark's outline: negative inside.
+    Exact for the disc, exact inside the polygons and close enough outside them, where only the
+    soft edge (a pixel or two) uses it."""
+    if shape == 'disc':
+        return np.hypot(dx, dy) - r
+    if shape == 'square':  # half side 0.8 r: about the disc's area
+        return np.maximum(abs(dx), abs(dy)) - 0.8 * r
+    if shape == 'triangle':
+        # equilateral, pointing up, inscribed in a circle of radius R = 1.2 r: its three sides lie at
+        # distance R/2 from the centre, with outward normals (0, 1) and (+-sqrt(3)/2, -1/2)
+        R = 1.2 * r
+        half_root3 = np.float32(np.sqrt(3) / 2)
+        return np.maximum(dy, np.maximum(half_root3 * dx, -half_root3 * dx) - 0.5 * dy) - 0.5 * R
+    if shape == 'plus':  # the union of two bars of half width 0.33 r: the smaller distance
+        bar = lambda u, v: np.maximum(abs(u) - r, abs(v) - 0.33 * r)  # noqa: E731
+        return np.minimum(bar(dx, dy), bar(dy, dx))
+    raise ValueError(f'unknown shape {shape!r}')
+
+
 def _draw_icons(p, size):
-    """Icons with parameters p (arrays, one value per icon) -> uint8 (b, 3, size, size). Drawn at twice
-    the size and averaged 2x2, so edges are anti-aliased like those of real icons."""
-    t = (np.arange(2 * size, dtype=np.float32) + 0.5) / (2 * size)  # subpixel centres in [0, 1]
-    x, y = t[None, None, :], t[None, :, None]
-    q = {name: v[:, None, None] for name, v in p.items()}  # (b, 1, 1): broadcasts over (b, 2size, 2size)
-    s = q['split']
-    side = ((s == 1) & (x < 0.5)) | ((s == 2) & (y < 0.5)) | ((s == 3) & (x + y < 1))
-    mask = np.zeros(side.shape, bool)
-    for m, inside in enumerate(SHAPES.values()):
+    """Icons with parameters p (arrays, one value per icon) -> uint8 (b, 3, size, size).
+
+    Coverage of a pixel by the mark, from the signed distance d (in pixels) to its outline:
+        alpha = clip(1/2 - d / EDGE_PX, 0, 1)
+    a linear ramp EDGE_PX pixels wide centred on the outline (1 pixel would be plain anti-aliasing);
+    the pixel is then alpha * mark colour + (1 - alpha) * background colour.
+    """
+    t = (np.arange(size, dtype=np.float32) + 0.5) / size  # pixel centres in [0, 1]
+    x, y = t[None, :][None], t[:, None][None]  # (1, 1, size) and (1, size, 1)
+    q = {name: v[:, None, None] for name, v in p.items()}  # (b, 1, 1): broadcasts over (b, size, size)
+    distance = np.empty((len(p['shape']), size, size), np.float32)
+    for m, shape in enumerate(SHAPES):
         i = np.flatnonzero(p['shape'] == m)
-        mask[i] = inside(x - q['cx'][i], y - q['cy'][i], q['r'][i])
-    below = y - q['cy'] - q['r']
-    mask |= q['bar'] & (abs(x - q['cx']) < q['r']) & (below > 0.06) & (below < 0.12)
-    shape, side = _coverage(mask), _coverage(side)
-    fg, bg, bg2 = (PALETTE[p[c]][:, :, None, None] for c in ('fg', 'bg', 'bg2'))  # (b, 3, 1, 1)
-    return np.rint(shape * fg + (1 - shape) * (side * bg2 + (1 - side) * bg)).astype(np.uint8)
-
-
-def _coverage(mask):
-    """Fraction of each pixel's 2x2 subpixels inside a mask: (b, 2h, 2w) bool -> (b, 1, h, w) float32."""
-    a = mask.view(np.uint8)
-    inside = a[:, 0::2, 0::2] + a[:, 1::2, 0::2] + a[:, 0::2, 1::2] + a[:, 1::2, 1::2]  # 0..4
-    return inside[:, None] / np.float32(4)
+        distance[i] = _signed_distance(shape, x - q['cx'][i], y - q['cy'][i], q['r'][i])
+    alpha = np.clip(0.5 - distance * size / EDGE_PX, 0, 1)[:, None]  # (b, 1, size, size)
+    mark = np.array(list(MARK_COLOURS.values()), np.float32)[p['colour']][:, :, None, None]  # (b, 3, 1, 1)
+    background = np.array(list(BACKGROUNDS.values()), np.float32)[p['background']][:, :, None, None]
+    return np.rint(alpha * mark + (1 - alpha) * background).astype(np.uint8)
 
 
 if __name__ == '__main__':

@@ -574,6 +574,41 @@ def test_shapes_default_and_sizes():
     assert load('shapes', size=64, n=10).shape == (10, 3, 64, 64)
 
 
+def test_shapes_labels_say_what_is_drawn():
+    x, labels = data.make_shapes(600, 32, seed=5, labels=True)
+    assert np.array_equal(x, data.make_shapes(600, 32, seed=5))  # labels change nothing in the images
+    marks = np.array(list(data.MARK_COLOURS.values()))[labels['colour']]
+    backgrounds = np.array(list(data.BACKGROUNDS.values()))[labels['background']]
+    # the centre lies inside every mark, the corners outside all of them
+    np.testing.assert_array_equal(x[:, :, 16, 16], marks)
+    for y, x_ in ((0, 0), (0, 31), (31, 0), (31, 31)):
+        np.testing.assert_array_equal(x[:, :, y, x_], backgrounds)
+    # the mark's area, as the share alpha of each pixel it covers (recovered from the colours), against
+    # the area of the labelled shape with the drawn radius r in 0.26..0.34 of the side (so a range):
+    # disc pi r^2, square (1.6 r)^2, equilateral triangle in a circle of 1.2 r: 3 sqrt(3)/4 (1.2 r)^2,
+    # plus: two 2r x 0.66r bars less their 0.66r x 0.66r overlap
+    span = (marks - backgrounds).astype(float)[:, :, None, None]
+    channel = np.abs(span).argmax(1, keepdims=True)  # the channel where the colours differ most
+    alpha = np.take_along_axis((x - backgrounds[:, :, None, None]) / span, channel, 1)
+    area = alpha.sum(axis=(1, 2, 3)) / 32 ** 2
+    unit = {'disc': np.pi, 'square': 1.6 ** 2, 'triangle': 3 * np.sqrt(3) / 4 * 1.2 ** 2,
+            'plus': 2 * 2 * 0.66 - 0.66 ** 2}
+    for m, shape in enumerate(data.SHAPES):
+        a = area[labels['shape'] == m]
+        assert len(a) > 100
+        assert unit[shape] * 0.26 ** 2 * 0.97 < a.min() and a.max() < unit[shape] * 0.34 ** 2 * 1.03, shape
+    # soft edges: a ring of partly covered pixels around each mark, not a hard step
+    partial = ((alpha > 0.05) & (alpha < 0.95)).sum(axis=(1, 2, 3))
+    assert partial.min() >= 20
+
+
+def test_shapes_modes_equally_likely():
+    _, labels = data.make_shapes(7200, 32, seed=6, labels=True)
+    counts = np.zeros((len(data.SHAPES), len(data.MARK_COLOURS), len(data.BACKGROUNDS)), int)
+    np.add.at(counts, (labels['shape'], labels['colour'], labels['background']), 1)
+    assert counts.size == 36 and counts.min() > 150 and counts.max() < 250  # 200 each; +-25% is > 3.5 sigma
+
+
 # ---------------------------------------------------------------- the real faces
 
 @pytest.mark.slow
