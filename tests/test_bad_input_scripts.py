@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from test_gan_scripts import SCRIPTS, TINY, ckpt, quick, run  # noqa: F401 (quick: the autouse fixture)
+from test_gan_scripts import SCRIPTS, TINY, ckpt, quick, run, trained  # noqa: F401 (fixtures)
 
 
 def refused(capsys, script, argv):
@@ -29,14 +29,9 @@ def snapshot(folder):
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished 1-epoch dcgan run."""
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        import data
-        from test_gan_scripts import _cached_load
-        mp.setattr(data, "load_images", lambda name, root=None, size=None, **kw: _cached_load(name, root, size))
-        return run("dcgan", tmp_path_factory.mktemp("finished"), "--epochs", 1)
+def finished(trained):
+    """A finished 1-epoch dcgan run (test_gan_scripts' fixture: one run for both files)."""
+    return trained
 
 
 @pytest.mark.parametrize("flags,named", [
