@@ -41,12 +41,10 @@ carries a hash of the set's definition, so a changed data.make_shapes trains a n
 import argparse
 import hashlib
 import inspect
-import json
 import math
 import os
 import re
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -56,6 +54,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+from outputs import atomic_write, write_json
 
 parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -250,11 +249,8 @@ def load_classifier(cache_dir=None, progress=True):
         print(f"modes: training the classifier once (cache: {path})", file=sys.stderr)
     model, accuracy = train_classifier(progress=progress)
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"model": model.state_dict(), "accuracy": accuracy}, f)
-        os.replace(temporary, path)  # a run that dies midway leaves no half-written cache
+        # atomically: a run that dies midway leaves no half-written cache
+        atomic_write(path, lambda f: torch.save({"model": model.state_dict(), "accuracy": accuracy}, f))
     except OSError as e:  # read-only or full disk: the classifier works, only it is not kept
         print(f"modes: could not write {path}: {e}", file=sys.stderr)
     return model, accuracy
@@ -320,7 +316,7 @@ def main(argv=None):
         except (OSError, ValueError) as error:
             parser.error(str(error))
         if args.json:
-            _write_json(args.json, [{"grid": name, **r, "kl": None if math.isinf(r["kl"]) else r["kl"]}
+            write_json(args.json, [{"grid": name, **r, "kl": None if math.isinf(r["kl"]) else r["kl"]}
                                     for name, r in results])
         for name, result in results:
             print(f"{name}: {summary(result)}")
@@ -334,18 +330,10 @@ def main(argv=None):
     result["classifier_held_out_accuracy"] = accuracy
     if args.json:  # inf is not JSON: nothing recognised is written as null
         kl = None if math.isinf(result["kl"]) else result["kl"]
-        _write_json(args.json, {"images": args.images, **result, "kl": kl,
+        write_json(args.json, {"images": args.images, **result, "kl": kl,
                                 "mode_names": [mode_name(m) for m in range(MODES)]})
     print(summary(result))
     return result
-
-
-def _write_json(path, content):
-    """Atomically: a temporary file in the same folder, then os.replace."""
-    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(content, f, indent=2)
-    os.replace(temporary, path)
 
 
 if __name__ == "__main__":

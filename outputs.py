@@ -1,11 +1,13 @@
 """What a run leaves on disk: checkpoints, image grids, numbered samples (+ the hand-in zip), curves.
 
-Shared by vae.py, dcgan.py, lsgan.py and wgan.py, so each script stays about its model:
+Shared by vae.py, dcgan.py, lsgan.py and wgan.py (and swd.py, modes.py), so each script stays about its model:
 
     save_checkpoint(state, path)        one dict -> path, atomically (temp file, fsync, rename)
     load_checkpoint(path)               the dict back, or an error that names the file and what to do
     save_grid(images, path, nrow)       float images in [-1, 1] (B, C, H, W) -> one PNG
     write_samples(images, n, folder)    1.png ... n.png (RGB), optionally NAME.zip with folder NAME/
+    atomic_write(path, write)           write(file) on a temp file beside path, fsync, rename
+    write_json(path, content)           indented JSON, atomically
     CurveLog(every=20)                  per-step scalars kept on the device, fetched every few steps;
                                         .save(folder) writes curves.csv and curves.png (raw + smoothed)
 
@@ -16,6 +18,7 @@ complete, so a crash, Ctrl-C or a full disk never leaves a truncated file under 
 import csv
 import errno
 import io
+import json
 import os
 import re
 import tempfile
@@ -33,7 +36,7 @@ os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK  # what open() would give a new file
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Call write(file) on a temp file beside `path`, fsync it, then rename it to `path`."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -53,13 +56,18 @@ def _atomic_write(path, write):
     return path
 
 
+def write_json(path, content):
+    """`content` as indented JSON at `path`, atomically."""
+    return atomic_write(path, lambda f: f.write(json.dumps(content, indent=2).encode()))
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing or cannot be read."""
 
 
 def save_checkpoint(state, path):
     """Write `state` (a dict of tensors, numbers, strings, lists, dicts) to `path` atomically."""
-    return _atomic_write(path, lambda f: torch.save(state, f))
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -129,7 +137,7 @@ def make_grid(images, nrow=8, padding=2):
 def save_grid(images, path, nrow=8):
     """Float images in [-1, 1] (B, C, H, W) -> one PNG grid of `nrow` images a row, atomically."""
     grid = make_grid(to_uint8(images).cpu(), nrow)
-    return _atomic_write(path, lambda f: f.write(png_bytes(grid)))
+    return atomic_write(path, lambda f: f.write(png_bytes(grid)))
 
 
 # -----------------------------------------------------------------------------
@@ -299,8 +307,8 @@ class CurveLog:
                 writer.writerow([step] + [f"{v:.6g}" for v in raw] + [f"{v:.6g}" for v in avg])
             f.write(text.getvalue().encode())
 
-        csv_path = _atomic_write(os.path.join(folder, "curves.csv"), write_csv)
-        png_path = _atomic_write(os.path.join(folder, "curves.png"), lambda f: self._plot(f, smooth, title))
+        csv_path = atomic_write(os.path.join(folder, "curves.csv"), write_csv)
+        png_path = atomic_write(os.path.join(folder, "curves.png"), lambda f: self._plot(f, smooth, title))
         return csv_path, png_path
 
     def _plot(self, f, smooth, title):

@@ -38,11 +38,9 @@ What is computed (Karras et al. 2018, "Progressive Growing of GANs", appendix D)
 """
 
 import argparse
-import json
 import math
 import os
 import sys
-import tempfile
 
 import numpy as np
 import torch
@@ -50,6 +48,7 @@ import torch.nn.functional as F
 
 import data
 import flags
+from outputs import write_json
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -170,18 +169,6 @@ def too_small(side, given):
         return f"--image-size must be at least {PATCH} (SWD compares {PATCH}x{PATCH} neighbourhoods), got {side}"
     return (f"the images are {side}x{side} (their own size, as no --image-size was given), smaller than SWD's "
             f"{PATCH}x{PATCH} neighbourhoods: pass --image-size 16 (or more) to resize both sets")
-
-
-def write_json(path, record):
-    """Write `record` to path atomically: a temporary file beside it, then a rename."""
-    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".swd-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2)
-        os.replace(temporary, path)
-    except BaseException:
-        os.remove(temporary)
-        raise
 
 
 def main(argv=None):

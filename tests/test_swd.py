@@ -170,7 +170,7 @@ def test_json_path_checked_before_the_computation(tmp_path, capsys, monkeypatch,
 def test_score_printed_before_the_json_is_written(tmp_path, capsys, monkeypatch):
     def disk_full(*args, **kw):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(json, "dump", disk_full)  # the path passed its check; the disk fills up later
+    monkeypatch.setattr(json, "dumps", disk_full)  # the path passed its check; the disk fills up later
     with pytest.raises(SystemExit) as exit_info:
         swd.main(["shapes", "shapes", "--max-images", "8", "--patches", "2", "--json", str(tmp_path / "swd.json")])
     out, err = capsys.readouterr()
