@@ -55,6 +55,7 @@ import data
 import dcgan
 import flags
 import inception_score as IS
+import training
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SPLITS = 10  # the Inception Score's splits, as the reference computes it
@@ -273,9 +274,7 @@ def make_step(size, device, compile_models):
     opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
     gen = torch.Generator().manual_seed(0)
-
-    def bce(logits, target):
-        return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits.float(), target))
+    bce = dcgan.bce
 
     def diffaug(x):
         return augment.diff_augment(x, augment.random_diffaug(len(x), size, size, generator=gen, device=device))
@@ -296,9 +295,7 @@ def make_step(size, device, compile_models):
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
-        with torch.no_grad():
-            for p_ema, p in zip(G_ema.parameters(), G.parameters()):
-                p_ema.lerp_(p, 0.001)
+        training.ema_update(G_ema, G, 0.999, step=10 ** 6)  # past the warm-up: the decay is 0.999
         return loss_d, loss_g
 
     return step

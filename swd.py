@@ -38,7 +38,6 @@ What is computed (Karras et al. 2018, "Progressive Growing of GANs", appendix D)
 """
 
 import argparse
-import math
 import os
 import sys
 

@@ -155,6 +155,7 @@ class Run:
         # processes and device: torchrun starts one process per GPU (or several on the CPU)
         self.rank, self.world = 0, 1
         launched = _torchrun()
+        self.distributed = launched is not None  # a process group, even of one process
         if launched:
             self.rank, local_rank, self.world = launched
         self.main = self.rank == 0
@@ -268,7 +269,7 @@ class Run:
         """The module the training steps call: torch.compile'd with --compile, and under torchrun
         wrapped in DistributedDataParallel (which averages the gradients over the processes in
         backward()). Checkpoints save the plain module: a wrapper prefixes every key."""
-        if self.world > 1 or _torchrun():
+        if self.distributed:
             if self.args.sync_batchnorm:
                 module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
             # broadcast_buffers=False: BatchNorm's running statistics stay each process's own (the
@@ -432,10 +433,11 @@ class Run:
         if self.curves.nonfinite:
             bad_step, name = self.curves.nonfinite
             self.save_curves()
-            kept = (f"the last good checkpoint, {self.ckpt_path} (step {self._saved}), is kept: lower --lr and "
-                    f"resume from it" if self._saved is not None else
-                    f"the checkpoint it resumed from, {self.args.resume}, is unchanged: lower --lr and resume "
-                    f"from it" if self.args.resume else "no checkpoint had been written yet: lower --lr")
+            lower = "lower the learning rate"
+            kept = (f"the last good checkpoint, {self.ckpt_path} (step {self._saved}), is kept: {lower} and resume "
+                    "from it" if self._saved is not None else
+                    f"the checkpoint it resumed from, {self.args.resume}, is unchanged: {lower} and resume from it"
+                    if self.args.resume else f"no checkpoint had been written yet: {lower}")
             self.finish()
             raise SystemExit(f"{self.script}: {name} is NaN or infinite at step {bad_step}: stopping; {kept}.")
 
