@@ -1169,6 +1169,9 @@ def parse_args(argv=None):
                    help="cpu, cuda, cuda:1, ... (default: cuda if there is one)")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="score only the first N images (default: all)")
+    p.add_argument("--offset", type=int, default=0, metavar="K",
+                   help="leave out the first K images: with --limit N, images K+1 ... K+N (a part "
+                   "disjoint from reference statistics of the first K, for a real-vs-real floor)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="decoding processes, 0 to decode in this one (default: min(8, cores))")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast: faster on GPUs, "
@@ -1209,7 +1212,8 @@ def parse_args(argv=None):
 def check_args(parser, args):
     """Usage errors, all before any work: parser.error names the flag (exit status 2)."""
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--splits", args.splits, 1),
-                               ("--limit", args.limit, 1), ("--workers", args.workers, 0),
+                               ("--limit", args.limit, 1), ("--offset", args.offset, 0),
+                               ("--workers", args.workers, 0),
                                ("--kid-subsets", args.kid_subsets, 1), ("--kid-subset-size", args.kid_subset_size, 2),
                                ("--image-size", args.image_size, 1)):
         if value is not None and value < least:
@@ -1265,12 +1269,12 @@ def open_source(spec, chunk, image_size=None, data_root=None, progress=True):
     return open_images(spec, chunk=chunk)
 
 
-def limited(chunks, n):
-    """The first n images of chunks."""
+def limited(chunks, n, offset=0):
+    """Images offset + 1 ... offset + n of chunks."""
     if chunks.array is not None:
-        chunks.array = chunks.array[:n]
+        chunks.array = chunks.array[offset:offset + n]
     else:
-        chunks.names = chunks.names[:n]
+        chunks.names = chunks.names[offset:offset + n]
     return chunks
 
 
@@ -1315,8 +1319,10 @@ def main(argv=None):
     result, lines = dict(source=args.images, device=str(device)), []
     try:
         chunks, skipped = open_source(args.images, args.batch_size, args.image_size, args.data_root, not args.quiet)
-        n = min(chunks.count(), args.limit or chunks.count())
-        chunks = limited(chunks, n)
+        if args.offset >= chunks.count():
+            raise ValueError(f"--offset {args.offset}: {args.images} has {chunks.count()} images")
+        n = min(chunks.count() - args.offset, args.limit or chunks.count())
+        chunks = limited(chunks, n, args.offset)
         if wants_is and n < args.splits:
             raise ValueError(f"{args.images}: {n} images, fewer than the {args.splits} splits")
         report_skipped(skipped)

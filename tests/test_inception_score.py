@@ -1054,6 +1054,22 @@ def test_cli_dataset_name_and_image_size_read_through_data_py(tmp_path, capsys, 
                                features_of(stand_in_fid, small), rtol=1e-6)
 
 
+def test_cli_offset_scores_a_disjoint_part(tmp_path, capsys, monkeypatch, stand_in_fid):
+    # --offset 2 --limit 3: images 3, 4, 5 of a folder (for a real-vs-real floor against
+    # statistics of the first images); an offset past the end is an error naming the count
+    no_inception_score(monkeypatch)
+    warnings.simplefilter("ignore")
+    images = make_images(n=6, seed=31)
+    write_pngs(tmp_path / "all", images)
+    run_cli(capsys, tmp_path / "all", "--offset", 2, "--limit", 3, "--quiet", "--save-stats", tmp_path / "part.npz")
+    np.testing.assert_allclose(IS.load_statistics(str(tmp_path / "part.npz"))["features"],
+                               features_of(stand_in_fid, images[2:5]), rtol=1e-6)
+    with pytest.raises(SystemExit) as e:
+        IS.main([str(tmp_path / "all"), "--offset", "6", "--quiet", "--save-stats", str(tmp_path / "none.npz")])
+    assert "--offset 6" in str(e.value.code) and "has 6 images" in str(e.value.code)
+    assert not (tmp_path / "none.npz").exists()
+
+
 def test_fid_and_kid_of_a_tensor(tmp_path, stand_in_fid):
     warnings.simplefilter("ignore")
     ref = make_images(n=6, seed=22)
@@ -1089,6 +1105,7 @@ def usage_error(capsys, monkeypatch, *argv):
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["--splits", "0"], "--splits must be at least 1, got 0"),
     (["--limit", "-3"], "--limit must be at least 1, got -3"),
+    (["--offset", "-1"], "--offset must be at least 0, got -1"),
     (["--workers", "-1"], "--workers must be at least 0"),
     (["--kid-subsets", "0"], "--kid-subsets must be at least 1"),
     (["--device", "xyz"], "--device 'xyz' is not a device"),
