@@ -406,8 +406,10 @@ class Run:
         if self._stop and self.world == 1 and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: quit at once, without a checkpoint
         if not self._stop:
-            self.write("Ctrl-C: saving a checkpoint and stopping" + (" (press again to quit without one)"
-                       if self.world == 1 else " at the next --log-every step, in every process"))
+            what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            self.write(f"{what}: saving a checkpoint and stopping" + (
+                " (press again to quit without one)" if self.world == 1 and signum == signal.SIGINT
+                else "" if self.world == 1 else " at the next --log-every step, in every process"))
         # under torchrun the launcher forwards the terminal's Ctrl-C: a second one is not a second press
         self._stop.append(signum)
 
@@ -443,7 +445,8 @@ class Run:
 
     def stopped(self, step):
         """After Ctrl-C: say how to go on, and end."""
-        self.print(f"stopped at step {step}; continue with: python {self.script}.py --resume {self.ckpt_path}")
+        launcher = "torchrun <the same launcher flags>" if self.distributed else "python"
+        self.print(f"stopped at step {step}; continue with: {launcher} {self.script}.py --resume {self.ckpt_path}")
         self.finish()
 
     def finish(self):

@@ -155,18 +155,29 @@ def test_image_size_nz_and_sample_size(tmp_path):
 # Ctrl-C, resume, NaN
 
 
-def interrupt_at(monkeypatch, module, call):
+def interrupt_at(monkeypatch, module, call, signum=signal.SIGINT):
     """Send ourselves SIGINT (as Ctrl-C does) from the call-th draw of augmentation parameters."""
     calls = []
 
     def random_affine(*args, **kwargs):
         calls.append(1)
         if len(calls) == call:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signum)
         return real(*args, **kwargs)
 
     real = module.random_affine
     monkeypatch.setattr(module, "random_affine", random_affine)
+
+
+def test_sigterm_checkpoints_and_says_so(tmp_path, monkeypatch, capsys):
+    # a scheduler's SIGTERM stops like Ctrl-C, and the message names it (no "press again")
+    interrupt_at(monkeypatch, SCRIPTS["dcgan"], call=3, signum=signal.SIGTERM)
+    folder = run("dcgan", tmp_path, "--epochs", 2, out="stopped")
+    printed = capsys.readouterr()
+    assert "SIGTERM: saving a checkpoint" in printed.out + printed.err
+    assert "Ctrl-C" not in printed.out + printed.err and "press again" not in printed.out + printed.err
+    assert "continue with: python dcgan.py --resume" in printed.out
+    assert ckpt(folder)["step"] == 3
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

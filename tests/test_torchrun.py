@@ -138,7 +138,7 @@ def test_ctrl_c_reaching_the_processes_at_different_steps_stops_both_at_one(stra
     state = ckpt(tmp_path / "run")
     # both stop at step 4, the first --log-every step after the later of the two signals
     assert (state["step"], state["epoch"], state["batch"]) == (4, 0, 4)
-    assert "continue with" in result.stdout
+    assert "continue with: torchrun" in result.stdout
     ok(torchrun(tmp_path, "dcgan", ["--device", "cpu", "--resume", tmp_path / "run" / "checkpoint.pt"]))
     assert_same_run(ckpt(straight[0]), ckpt(tmp_path / "run"), buffers=False)
 
