@@ -642,10 +642,13 @@ def _write_cache(path, x, prefix):
 # The set is built from three factors, each drawn uniformly and independently, so every one of the
 # 4 x 3 x 3 = 36 modes (shape, mark colour, background) holds 1/36 of the icons: about 140 of 5,000,
 # enough for a small GAN to learn each one. The mark colours and the backgrounds are disjoint sets,
-# so every mark stands out from its background.
+# so every mark stands out from its background, and by a lot: the marks are mid-bright, the
+# backgrounds very light or very dark. (A navy background, (30, 40, 70), differs from green and blue
+# marks in about one channel; a DCGAN drew shapes there far worse than on white or yellow: 5% and
+# 15% of its green and blue marks on navy recognisable against 50-70% elsewhere. README, Quickstart.)
 SHAPES = ('disc', 'square', 'triangle', 'plus')
 MARK_COLOURS = {'red': (215, 45, 45), 'green': (40, 150, 75), 'blue': (45, 100, 215)}
-BACKGROUNDS = {'white': (240, 240, 236), 'navy': (30, 40, 70), 'yellow': (250, 205, 60)}
+BACKGROUNDS = {'white': (240, 240, 236), 'black': (20, 20, 24), 'yellow': (250, 205, 60)}
 EDGE_PX = 1.5  # width in pixels of the soft edge over which a mark fades into its background
 
 

@@ -82,7 +82,7 @@ def mode_of(shape, colour, background):
 
 
 def mode_name(mode):
-    """Mode index -> e.g. 'red disc on navy'."""
+    """Mode index -> e.g. 'red disc on black'."""
     mode, background = divmod(mode, len(data.BACKGROUNDS))
     shape, colour = divmod(mode, len(data.MARK_COLOURS))
     return f"{list(data.MARK_COLOURS)[colour]} {data.SHAPES[shape]} on {list(data.BACKGROUNDS)[background]}"
