@@ -1,6 +1,6 @@
 """DCGAN: the original GAN objective on deep convolutional networks (Radford et al. 2015).
 
-    python dcgan.py --max-images 5000 --epochs 16 --batch-size 64 --ngf 32 --ndf 32 --lr-g 1e-3 --lr-d 1e-3 \\
+    python dcgan.py --max-images 5000 --epochs 24 --batch-size 64 --ngf 24 --ndf 16 --lr-g 1e-3 --lr-d 1e-3 \\
         --ema 0.99 --augment flip --diffaug color,translation      # built-in icons, CPU minutes: README
     torchrun --standalone --nproc-per-node 8 dcgan.py --data lld --epochs 20 --sample 50000   # 8 GPUs
 

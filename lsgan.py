@@ -1,6 +1,6 @@
 """LSGAN: the least-squares GAN (Mao et al. 2017) on the DCGAN networks of dcgan.py.
 
-    python lsgan.py --max-images 5000 --epochs 16 --batch-size 64 --ngf 32 --ndf 32 --lr-g 1e-3 --lr-d 1e-3 \\
+    python lsgan.py --max-images 5000 --epochs 24 --batch-size 64 --ngf 24 --ndf 16 --lr-g 1e-3 --lr-d 1e-3 \\
         --ema 0.99 --augment flip --diffaug color,translation      # built-in icons, CPU minutes: README
     torchrun --standalone --nproc-per-node 8 lsgan.py --data lld --epochs 20 --sample 50000   # 8 GPUs
 

@@ -20,11 +20,11 @@ checkpoint.pt (--resume continues it exactly); with --sample N the images sample
 vae_sweep.py compares latent sizes and batch sizes.
 
 Measured on the 2-core development CPU (one thread, other jobs running). On the built-in icons,
-`python vae.py --max-images 5000 --latent 8` (20 epochs, 151 s of CPU) reconstructs closely and
+`python vae.py --max-images 5000 --epochs 24 --latent 8` (189 s of CPU) reconstructs closely and
 its prior samples show the four shapes, on washed-out backgrounds between the three colours
-(modes.py recognises 3.3%: README, Quickstart); with the default --latent 128 (or 16) the prior
-samples are patchy colour fields: the codes of the training images fill only part of N(0, I)
-(likely, not measured). On the anime faces at 32x32 (3 epochs, vae_sweep.py)
+(modes.py recognises 1.5%: README, Quickstart); with the default --latent 128 (or 16) the prior
+samples were patchy colour fields (an earlier version of the set): the codes of the training
+images fill only part of N(0, I) (likely, not measured). On the anime faces at 32x32 (3 epochs, vae_sweep.py)
 latents 16-32 give smooth, blurry, face-like samples and 128 sharper reconstructions with
 noisier samples. VAE samples are blurrier than GAN samples: where the code does not pin an
 image down, the Gaussian's best guess is an average.

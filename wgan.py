@@ -1,6 +1,6 @@
 """WGAN: the Wasserstein GAN (Arjovsky et al. 2017) and WGAN-GP (Gulrajani et al. 2017).
 
-    python wgan.py --gp 10 --max-images 5000 --ngf 32 --ndf 32 --diffaug color,translation   # built-in icons
+    python wgan.py --gp 10 --max-images 5000 --ngf 24 --ndf 16 --diffaug color,translation   # built-in icons
     torchrun --standalone --nproc-per-node 8 wgan.py --gp 10 --data lld --epochs 20 --sample 50000   # 8 GPUs
 
 A generator G turns noise z ~ N(0, I) into an image; a critic D gives each image a raw score (no
