@@ -307,7 +307,8 @@ class Run:
             low, high = flat.clone(), flat.clone()
             dist.all_reduce(low, op=dist.ReduceOp.MIN)
             dist.all_reduce(high, op=dist.ReduceOp.MAX)
-            if not torch.equal(low, high):
+            if not torch.equal(low, high):  # every process sees this: all leave the group cleanly, then stop
+                self.finish()
                 raise SystemExit(f"{self.script}: the weights of {name} differ between the processes "
                                  "(they drifted apart): this is a bug, please report it")
 
