@@ -407,10 +407,12 @@ class Run:
         if self._stop and self.world == 1 and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: quit at once, without a checkpoint
         if not self._stop:
+            if self.world > 1:
+                when = " at the next --log-every step, in every process"
+            else:
+                when = " (press again to quit without one)" if signum == signal.SIGINT else ""
             what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            self.write(f"{what}: saving a checkpoint and stopping" + (
-                " (press again to quit without one)" if self.world == 1 and signum == signal.SIGINT
-                else "" if self.world == 1 else " at the next --log-every step, in every process"))
+            self.write(f"{what}: saving a checkpoint and stopping{when}")
         # under torchrun the launcher forwards the terminal's Ctrl-C: a second one is not a second press
         self._stop.append(signum)
 
