@@ -68,7 +68,7 @@ MISSING = {
 
 
 def load_images(name_or_path='shapes', root=None, size=None, *, n=20000, seed=0, limit=None,
-                cache_dir=None, workers=None, progress=True):
+                cache_dir=None, workers=None, progress=True, cache=True):
     """Return images as a uint8 tensor (N, 3, size, size), contiguous, on the CPU.
 
     name_or_path: 'shapes', 'lld', 'anime', or a folder, .zip, .hdf5 or .pkl file.
@@ -80,6 +80,8 @@ def load_images(name_or_path='shapes', root=None, size=None, *, n=20000, seed=0,
       .hdf5/.pkl, min(n, limit) icons of 'shapes'. None: all.
     cache_dir: where decoded images are cached; workers: decoding processes (default: all cores);
     progress: show progress bars and what is read from where.
+    cache: False decodes (or resizes) without writing a cache, for a folder read once, such as a run's
+      samples scored by modes.py.
     Decoded images come back as a copy-on-write map of their cache file: writes stay in this process.
 
     Requests that cannot work are refused with a ValueError naming the scripts' flag before anything is
@@ -107,12 +109,12 @@ def load_images(name_or_path='shapes', root=None, size=None, *, n=20000, seed=0,
         names = names[:limit]
         check_memory(len(names), size)
         return torch.from_numpy(_decoded_images(kind, base, names, others, size, limit, cache_dir, workers,
-                                                progress))
+                                                progress, cache))
     if kind == 'pkl':  # how many images a pickle holds is known only once it is read: read_pkls checks then
         x = read_pkls(paths, progress, limit, size)
         if size and x.shape[2:] != (size, size):  # resized once, then cached like decoded images
             x = _cached(paths[0], _stamp(paths), size, cache_dir, progress, lambda: _resize_bank(x, size, progress),
-                        limit if limit is not None and limit <= len(x) else None)
+                        limit if limit is not None and limit <= len(x) else None, cache)
         return torch.from_numpy(x)
     count, h, w = _hdf5_shape(paths[0])
     if limit is not None and limit >= count:
@@ -125,7 +127,8 @@ def load_images(name_or_path='shapes', root=None, size=None, *, n=20000, seed=0,
     # then whole, with the smaller bank made beside it
     check_memory(count, size, count * 3 * h * w)
     return torch.from_numpy(_cached(paths[0], _stamp(paths), size, cache_dir, progress,
-                                    lambda: _resize_bank(read_hdf5(paths[0], progress, limit), size, progress), limit))
+                                    lambda: _resize_bank(read_hdf5(paths[0], progress, limit), size, progress), limit,
+                                    cache))
 
 
 DEFAULT_SIZE = {'lld': 32, 'anime': 64}  # the named sets: LLD-icon's own 32, the assignment's 64 (of 96)
@@ -503,7 +506,7 @@ def decode_images(kind, base, names, size, workers=None, progress=True):
     return out
 
 
-def _decoded_images(kind, base, names, others, size, limit, cache_dir, workers, progress):
+def _decoded_images(kind, base, names, others, size, limit, cache_dir, workers, progress, cache=True):
     """The images `names` of a folder or zip at `size` (the first `limit`, or all if limit is None): from
     the cache if it matches the source, else decoded."""
     if kind == 'folder':
@@ -520,7 +523,7 @@ def _decoded_images(kind, base, names, others, size, limit, cache_dir, workers, 
             warnings.warn(f'skipped {len(special)} entries of {base} that are not regular files (FIFOs, sockets, '
                           f'devices, links to folders or to nothing): {", ".join(special[:3])}{more}')
         return decode_images(kind, base, names, size, workers, progress)
-    return _cached(base, stamp, size, cache_dir, progress, decode, limit)
+    return _cached(base, stamp, size, cache_dir, progress, decode, limit, cache)
 
 
 def _resize_bank(x, size, progress):
@@ -536,10 +539,13 @@ def _stamp(paths):
     return '\n'.join(f'{p} {st.st_size} {st.st_mtime_ns}' for p in paths for st in [os.stat(p)])
 
 
-def _cached(base, stamp, size, cache_dir, progress, build, limit=None):
+def _cached(base, stamp, size, cache_dir, progress, build, limit=None, cache=True):
     """build() -> uint8 (N, 3, size, size), run once: later calls map the cached result for as long as
     the source `base` and its `stamp` stay the same. The first `limit` images (limit not None) are cached
-    apart from the whole set, so that neither replaces the other."""
+    apart from the whole set, so that neither replaces the other. cache=False: build() alone, nothing
+    read or written."""
+    if not cache:
+        return build()
     first = f'first{limit}-' if limit else ''
     key = hashlib.sha1(f'{CACHE_VERSION}\n{size}\n{first}{stamp}'.encode()).hexdigest()[:16]
     base = os.path.abspath(base)

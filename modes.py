@@ -322,7 +322,8 @@ def main(argv=None):
             print(f"{name}: {summary(result)}")
         return results
     try:
-        images = data.load_images(args.images, root=args.data_root, size=SIZE)[:args.max_images]
+        # only the first --max-images are decoded, and nothing is cached: a samples folder is scored once
+        images = data.load_images(args.images, root=args.data_root, size=SIZE, limit=args.max_images, cache=False)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     model, accuracy = load_classifier(args.cache_dir)

@@ -287,6 +287,14 @@ def test_cache_reused_invalidated_rebuilt(tmp_path, monkeypatch):
         assert 'allow_pickle' not in str(caught[0].message)  # never advise loading a pickle from a cache
         assert cache_files(cache) == [os.path.basename(path)]
 
+    uncached = load(src, size=16, cache=False)
+    assert len(cache_files(cache)) == 1  # cache=False writes nothing ...
+    assert_images(uncached, load(src, size=16))  # ... and gives the pixels a cached read gives
+    monkeypatch.setattr(data, 'decode_images', no_decoding)
+    with pytest.raises(AssertionError, match='decoded again'):
+        load(src, size=32, cache=False)  # nor is a matching cache read: decoded every time
+    monkeypatch.setattr(data, 'decode_images', decode)
+
 
 def test_cache_beside_data_else_user_cache(tmp_path, monkeypatch):
     monkeypatch.delenv('GANLAB_CACHE')

@@ -114,6 +114,8 @@ def test_command_scores_a_folder_and_a_zip(trained, tmp_path, capsys):
             archive.write(folder / f"{i}.png", f"img/{i}.png")
     from_zip = modes.main([str(tmp_path / "samples.zip"), "--cache-dir", cache, "--max-images", "30"])
     assert from_zip["count"] == 30
+    # a samples folder is scored once: no decoded-image cache is left beside it (data.py's .ganlab-cache/)
+    assert not list(tmp_path.rglob(".ganlab-cache")) and not list(tmp_path.rglob("*.npy"))
 
 
 def test_grids_scored_one_by_one_in_step_order(trained, tmp_path, capsys):
