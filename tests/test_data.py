@@ -190,7 +190,7 @@ def quadrants(w, h):
 
 def assert_quadrants(img, tol=40):
     """img (3, n, n): red, green / blue, yellow, judged away from the edges and the seams."""
-    n, q = img.shape[-1], img.shape[-1] // 4
+    q = img.shape[-1] // 4
     img = img.permute(1, 2, 0).numpy().astype(int)
     for (y, x), colour in {(q, q): (255, 0, 0), (q, 3 * q): (0, 255, 0),
                            (3 * q, q): (0, 0, 255), (3 * q, 3 * q): (255, 255, 0)}.items():

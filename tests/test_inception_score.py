@@ -21,8 +21,6 @@ import os
 import pickle
 import re
 import signal
-import subprocess
-import sys
 import urllib.error
 import warnings
 import zipfile
