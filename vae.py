@@ -319,6 +319,11 @@ def write_elbo_curve(history, folder):
 # -----------------------------------------------------------------------------
 
 
+def heldout_count(n, holdout):
+    """How many of n images are held out: the fraction --holdout of them, at least one."""
+    return max(1, round(holdout * n))
+
+
 def main(argv=None):
     """Train (or with --epochs 0 only measure and sample); returns the final held-out numbers, the settings."""
     # the command line, checked before any work; the processes under torchrun; the device; the seed
@@ -341,7 +346,7 @@ def main(argv=None):
     S = args.image_size
     # the held-out split: the last --holdout of a fixed permutation (seed 0 whatever --seed), so
     # that every run and every seed is measured on the same images
-    n_heldout = max(1, round(args.holdout * len(bank)))
+    n_heldout = heldout_count(len(bank), args.holdout)
     permutation = torch.randperm(len(bank), generator=torch.Generator().manual_seed(0)).to(device)
     train_index, heldout_index = permutation[:-n_heldout], permutation[-n_heldout:]
     steps_per_epoch = len(train_index) // B  # the last, partial batch is dropped: steady shapes

@@ -18,6 +18,7 @@ import csv
 import os
 import sys
 
+import data
 import flags
 import vae
 
@@ -55,6 +56,7 @@ def main(argv=None):
 
     variants = [(latent, base.batch_size) for latent in args.latents]
     variants += [(base.latent, batch_size) for batch_size in args.batch_sizes]
+    check_batch_sizes(base, {batch_size for _, batch_size in variants})
     rows = []
     for latent, batch_size in dict.fromkeys(variants):  # in order, the pair of the defaults once
         out = os.path.join(folder, f"latent{latent}-batch{batch_size}")
@@ -78,6 +80,24 @@ def main(argv=None):
     write_table(rows, folder)
     write_figure(rows, folder, base)
     return rows
+
+
+def check_batch_sizes(base, batch_sizes):
+    """Refuse a missing dataset, or a batch size larger than the training split, now: not at that
+    variant's turn, after the ones before it have trained."""
+    if base.holdout >= 1:
+        return  # vae.py refuses it, at the first variant, before any training
+    try:
+        count = len(data.load_images(base.data, root=base.data_root, size=base.image_size, limit=base.max_images,
+                                     progress=False)[:base.max_images])  # as training.Run.load_images
+    except (FileNotFoundError, ValueError, OSError) as error:
+        parser.error(str(error))
+    n_train = count - vae.heldout_count(count, base.holdout)
+    too_big = sorted(b for b in batch_sizes if b > n_train)
+    if too_big:
+        parser.error(f"batch size {', '.join(map(str, too_big))}: more than the {n_train} training images "
+                     f"({count} images less {count - n_train} held out): give smaller --batch-sizes / --batch-size, "
+                     "or more images (--max-images)")
 
 
 def write_table(rows, folder):

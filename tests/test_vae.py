@@ -569,3 +569,19 @@ def test_sweep_compares_latent_and_batch_sizes(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             vae_sweep.main(argv + bad)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sweep_refuses_what_a_later_variant_would_refuse_before_training_any(tmp_path, capsys):
+    # 96 images, 10 held out (0.1 of them): 86 to train on. Batch 86 fits; 87 and 200 would stop the
+    # sweep at their turn, after the variants before them had trained: refused before the first
+    out = tmp_path / "sweep"
+    argv = TINY + ["--epochs", "1", "--out", str(out), "--latents", "4", "--batch-sizes", "8,86,200,87"]
+    with pytest.raises(SystemExit) as exit_info:
+        vae_sweep.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "batch size 87, 200: more than the 86 training images (96 images less 10 held out)" in err
+    assert not out.exists() or not any(out.iterdir())  # nothing trained
+    with pytest.raises(SystemExit) as exit_info:  # a missing dataset: vae.py's own advice, at once
+        vae_sweep.main(argv[:-1] + ["86", "--data", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2 and "nowhere" in capsys.readouterr().err
