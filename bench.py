@@ -714,6 +714,8 @@ def check_args(args):
     if "inception" in sections and args.images < SPLITS:
         parser.error(f"--images must be at least {SPLITS}: the score is averaged over {SPLITS} splits, "
                      f"got {args.images}")
+    if "fid" in sections and args.images < 2:
+        parser.error(f"--images must be at least 2 for fid: a covariance needs two images, got {args.images}")
     # memory, per image of a batch, from peak RSS on the CPU (bench.py --device cpu, --seconds 0.01):
     # op ~0.2 MB in the main process (--batch-size 16 to 2048) plus the workers' prefetched batches;
     # a train step at 32x32 0.86 MB (--train-batch-size 8 to 512), scaled by pixels for 64x64

@@ -23,6 +23,8 @@ so), and a step that fails or runs out of time never stops the later ones:
   dcgan-torchrun   the same under torchrun with one process
   bench-train      python bench.py --only train (shapes, and the same faces)
   bench-inception  python bench.py --only inception
+  bench-fid        python bench.py --only fid on --fid-images PNGs (default 50,000): FID end to end,
+                   pytorch-fid's pipeline against inception_score.py's (real weights if installed)
 
 On a machine without a CUDA GPU every GPU step is skipped with that reason, and the script
 exits 0 (tests/test_gpu_check.py runs it so, so that it does not rot).
@@ -356,6 +358,9 @@ def make_steps(args, context):
                                   "--max-images", str(args.faces_images)], quote_all=True),
         Step("bench-inception", 120, [python, "bench.py", "--only", "inception", "--device", "cuda",
                                       "--images", "1000", "--repeats", "1"], quote_all=True),
+        # last: it is the longest, and the budget skips it (saying so) when the steps before took their time
+        Step("bench-fid", 240, [python, "bench.py", "--only", "fid", "--device", "cuda",
+                                "--images", str(args.fid_images), "--repeats", "1"], quote_all=True),
     ]
 
 
@@ -367,6 +372,7 @@ def main(argv=None):
                              "and bench.py's train section; without it those runs are skipped")
     parser.add_argument("--faces-images", type=int, default=4096, help="how many of those faces to train on")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each dcgan.py run")
+    parser.add_argument("--fid-images", type=int, default=50000, help="PNGs the bench-fid step scores")
     parser.add_argument("--out", default="gpu-check", help="folder for report.md, logs/ and work/")
     parser.add_argument("--budget", type=float, default=470, help="seconds for all the steps together")
     parser.add_argument("--keep", action="store_true", help="keep --out/work/ (caches, the runs' outputs)")
@@ -377,8 +383,9 @@ def main(argv=None):
     if args.faces is not None and not os.path.isdir(args.faces):
         parser.error(f"--faces {args.faces}: no such folder; give a folder of face images, e.g. "
                      "../shared/data/anime-faces")
-    if args.faces_images < 128 or args.epochs < 1 or args.budget < MIN_STEP_SECONDS:
-        parser.error(f"--faces-images must be >= 128 (one batch), --epochs >= 1, --budget >= {MIN_STEP_SECONDS}")
+    if args.faces_images < 128 or args.epochs < 1 or args.fid_images < 2 or args.budget < MIN_STEP_SECONDS:
+        parser.error(f"--faces-images must be >= 128 (one batch), --epochs >= 1, --fid-images >= 2 (a covariance), "
+                     f"--budget >= {MIN_STEP_SECONDS}")
     out = os.path.abspath(args.out)
     work = os.path.join(out, "work")
     shutil.rmtree(work, ignore_errors=True)

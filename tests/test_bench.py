@@ -42,7 +42,7 @@ def bad_input_refused(argv, monkeypatch, capsys):
     stderr, sections that ran). A usage error must come before any section runs."""
     import bench
     ran = []
-    for name in ("bench_op", "bench_train", "bench_inception"):
+    for name in ("bench_op", "bench_train", "bench_inception", "bench_fid"):
         monkeypatch.setattr(bench, name, lambda args, device, name=name: ran.append(name))
     monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
     with pytest.raises(SystemExit) as exit_info:
@@ -52,6 +52,7 @@ def bad_input_refused(argv, monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv, words", [
     (["--images", "5"], "--images must be at least 10"),
+    (["--only", "fid", "--images", "1"], "--images must be at least 2 for fid"),
     (["--repeats", "0"], "argument --repeats"),
     (["--batch-size", "0"], "argument --batch-size"),
     (["--train-batch-size", "300", "--max-images", "200"], "--train-batch-size 300 is more than the 200 image(s)"),

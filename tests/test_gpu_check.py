@@ -13,7 +13,7 @@ import gpu_check
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_STEPS = ["build", "cuda-tests", "memcheck", "racecheck", "bench-op", "dcgan", "dcgan-compile",
-             "dcgan-torchrun", "bench-train", "bench-inception"]
+             "dcgan-torchrun", "bench-train", "bench-inception", "bench-fid"]
 
 
 def report_rows(report):
@@ -51,6 +51,9 @@ def test_bad_arguments_exit_2(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--faces" in result.stderr and "no such folder" in result.stderr
     assert "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, "tests/gpu_check.py", "--fid-images", "1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--fid-images >= 2" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_failing_and_hanging_steps_do_not_stop_the_others(tmp_path, monkeypatch):
