@@ -15,6 +15,11 @@ every epoch; grids/ keeps them all), curves.csv and curves.png (the losses), che
 (every epoch and on Ctrl-C: --resume continues it exactly), and with --sample N the images
 samples/1.png ... N.png (and NAME.zip with --zip NAME). `diff dcgan.py lsgan.py` (or wgan.py)
 shows what another objective changes. README: results, and the commands that made them.
+
+Measured on the 2-core development CPU: the first command (about 2 min) draws icons of which
+modes.py recognises 58%, covering 25 of their 36 modes; on the 33,431 real anime faces at 32x32
+(8 epochs, batch 64, --ngf 32 --ndf 32, about 15 CPU-minutes) FID 131.9 against 10,000 real
+faces, where 5,000 other real faces score 6.3.
 """
 
 import argparse

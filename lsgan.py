@@ -18,6 +18,10 @@ every epoch; grids/ keeps them all), curves.csv and curves.png (the losses), che
 (every epoch and on Ctrl-C: --resume continues it exactly), and with --sample N the images
 samples/1.png ... N.png (and NAME.zip with --zip NAME). `diff dcgan.py lsgan.py` (or wgan.py)
 shows what another objective changes. README: results, and the commands that made them.
+
+Measured on the 2-core development CPU (one thread): the first command draws icons of which
+modes.py recognises 52.6%, covering 25 of their 36 modes (dcgan.py: 55.5%, 23); on the real
+anime faces at 32x32 with dcgan.py's settings, FID 172.7 against dcgan.py's 131.9.
 """
 
 import argparse

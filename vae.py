@@ -1,6 +1,6 @@
 """A convolutional variational autoencoder (Kingma & Welling 2014), one file, top to bottom.
 
-    python vae.py --max-images 5000 --latent 8       # built-in icons, 32x32: README, Quickstart
+    python vae.py --max-images 5000 --epochs 24 --latent 8    # built-in icons, 32x32: README, Quickstart
     python vae.py --data anime --image-size 64 --epochs 30                # the anime faces at 64x64
     python vae.py --resume out/vae-anime/checkpoint.pt --epochs 0 --sample 50000 --zip vae_img
     torchrun --standalone --nproc-per-node 8 vae.py --data anime --epochs 30                  # 8 GPUs
@@ -27,7 +27,10 @@ samples were patchy colour fields (an earlier version of the set): the codes of 
 images fill only part of N(0, I) (likely, not measured). On the anime faces at 32x32 (3 epochs, vae_sweep.py)
 latents 16-32 give smooth, blurry, face-like samples and 128 sharper reconstructions with
 noisier samples. VAE samples are blurrier than GAN samples: where the code does not pin an
-image down, the Gaussian's best guess is an average.
+image down, the Gaussian's best guess is an average. 8 epochs at 32x32 with the defaults
+(`--data ../shared/data/anime-faces --image-size 32 --epochs 8 --batch-size 64`): FID 155.0 of
+5,000 prior samples against 10,000 real faces, between dcgan.py's 131.9 and lsgan.py's 172.7
+(README, "FID and KID").
 """
 
 import argparse

@@ -1,6 +1,7 @@
 """WGAN: the Wasserstein GAN (Arjovsky et al. 2017) and WGAN-GP (Gulrajani et al. 2017).
 
-    python wgan.py --gp 10 --max-images 5000 --ngf 24 --ndf 16 --diffaug color,translation   # built-in icons
+    python wgan.py --gp 10 --d-steps 1 --lr-g 1e-3 --lr-d 1e-3 --max-images 5000 --epochs 24 --batch-size 64 \
+        --ngf 24 --ndf 16 --ema 0.99 --augment flip --diffaug color,translation   # built-in icons: README
     torchrun --standalone --nproc-per-node 8 wgan.py --gp 10 --data lld --epochs 20 --sample 50000   # 8 GPUs
 
 A generator G turns noise z ~ N(0, I) into an image; a critic D gives each image a raw score (no
@@ -19,6 +20,12 @@ every epoch; grids/ keeps them all), curves.csv and curves.png (the losses), che
 (every epoch and on Ctrl-C: --resume continues it exactly), and with --sample N the images
 samples/1.png ... N.png (and NAME.zip with --zip NAME). `diff dcgan.py lsgan.py` (or wgan.py)
 shows what another objective changes. README: results, and the commands that made them.
+
+Measured on the 2-core development CPU (one thread): the first command draws icons of which
+modes.py recognises 28.6% (14 of their 36 modes; dcgan.py 55.5%); without --d-steps 1 --lr-g 1e-3
+--lr-d 1e-3, i.e. with the paper's 5 critic steps and lr 1e-4, the same 24 epochs leave G 360 steps
+and one repeated image (0%). On the real anime faces at 32x32, --gp 10 with the paper's settings,
+8 epochs (832 G steps): FID 321.6 against dcgan.py's 131.9, still learning.
 """
 
 import argparse
