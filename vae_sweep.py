@@ -89,7 +89,7 @@ def check_batch_sizes(base, batch_sizes):
         return  # vae.py refuses it, at the first variant, before any training
     try:
         count = len(data.load_images(base.data, root=base.data_root, size=base.image_size, limit=base.max_images,
-                                     progress=False)[:base.max_images])  # as training.Run.load_images
+                                     progress=False))
     except (FileNotFoundError, ValueError, OSError) as error:
         parser.error(str(error))
     n_train = count - vae.heldout_count(count, base.holdout)

@@ -1,6 +1,6 @@
 """WGAN: the Wasserstein GAN (Arjovsky et al. 2017) and WGAN-GP (Gulrajani et al. 2017).
 
-    python wgan.py --gp 10 --d-steps 1 --lr-g 1e-3 --lr-d 1e-3 --max-images 5000 --epochs 24 --batch-size 64 \
+    python wgan.py --gp 10 --d-steps 1 --lr-g 1e-3 --lr-d 1e-3 --max-images 5000 --epochs 24 --batch-size 64 \\
         --ngf 24 --ndf 16 --ema 0.99 --augment flip --diffaug color,translation   # built-in icons: README
     torchrun --standalone --nproc-per-node 8 wgan.py --gp 10 --data lld --epochs 20 --sample 50000   # 8 GPUs
 

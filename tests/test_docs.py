@@ -74,6 +74,14 @@ def test_documented_command_parses(where, script, rest, tmp_path, monkeypatch):
     assert parse(script, shlex.split(rest)) is None, f"{where}: python {script}.py{rest}"
 
 
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_docstring_lines_stay_lines(name):
+    # a lone backslash at a line's end in a (non-raw) docstring joins the lines: the command is shown as
+    # one long line with a gap; a continuation there must be written \\
+    for line in importlib.import_module(name).__doc__.splitlines():
+        assert not re.search(r"\S {8,}--", line), f"{name}.py docstring: {line.strip()[:80]}"
+
+
 def test_a_wrong_flag_is_caught():  # the check itself can fail
     assert commands("    python dcgan.py --epochs 3 --no-such-flag\n") == [("dcgan", " --epochs 3 --no-such-flag")]
     assert "unrecognized arguments: --no-such-flag" in parse("dcgan", ["--epochs", "3", "--no-such-flag"])

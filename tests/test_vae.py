@@ -48,7 +48,7 @@ def few_shapes(monkeypatch):
             return real(name_or_path, root, size, **kwargs)
         if size not in _shapes:
             _shapes[size] = real("shapes", size=size, n=300)
-        return _shapes[size].clone()
+        return _shapes[size][:kwargs.get("limit")].clone()  # the first `limit`, as data.load_images gives
 
     monkeypatch.setattr(data, "load_images", load_images)
 
