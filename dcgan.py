@@ -141,6 +141,19 @@ def bce(logits, target):
     return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits.float(), target))
 
 
+def d_loss(d_real, d_fake):
+    """D's loss from its logits: -[E log D(x) + E log(1 - D(G(z)))] = BCE(D(x), 1) + BCE(D(G(z)), 0)."""
+    return bce(d_real, 1.0) + bce(d_fake, 0.0)
+
+
+def g_loss(d_gen, kind):
+    """G's loss from D's logits on its images. The original min E log(1 - D(G(z))) = -BCE(D(G(z)), 0)
+    is flat where D rejects the fakes confidently, early in training, so G learns little; the
+    non-saturating min -E log D(G(z)) = BCE(D(G(z)), 1) has the same fixed point and strong
+    gradients exactly there (Goodfellow et al. 2014)."""
+    return bce(d_gen, 1.0) if kind == "non-saturating" else -bce(d_gen, 0.0)
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -214,19 +227,16 @@ def main(argv=None):
                         fake = G_train(z)  # the D step does not train G: no graph through G
                     real, fake = augment(real), augment(fake)
                     d_real, d_fake = D_train(real), D_train(fake)
-                    loss_d = bce(d_real, 1.0) + bce(d_fake, 0.0)
+                    loss_d = d_loss(d_real, d_fake)
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
                 opt_d.step()
 
-            # (2) update G. The original min E log(1 - D(G(z))) = -BCE(D(G(z)), 0) is flat where D
-            #     rejects the fakes confidently, early in training, so G learns little; the
-            #     non-saturating min -E log D(G(z)) = BCE(D(G(z)), 1) has the same fixed point and
-            #     strong gradients exactly there (Goodfellow et al. 2014)
+            # (2) update G: min -E log D(G(z)) (non-saturating, the default) or E log(1 - D(G(z)))
             z = run.share(torch.randn(args.batch_size, args.nz, 1, 1, device=device))
             with run.autocast:
                 d_gen = D_train(augment(G_train(z)))
-                loss_g = bce(d_gen, 1.0) if args.g_loss == "non-saturating" else -bce(d_gen, 0.0)
+                loss_g = g_loss(d_gen, args.g_loss)
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()

@@ -133,11 +133,23 @@ def weights_init(m):
 
 
 # -----------------------------------------------------------------------------
-# the loss: the squared error to a target, 1/2 E (D(.) - target)^2, in fp32
+# the loss: the squared error to a target, 1/2 E (D(.) - target)^2, in fp32; the targets of the
+# paper's a-b-c coding: fakes a, reals b, and c, the score G wants for its fakes
+A, B, C = 0.0, 1.0, 1.0
 
 
 def mse(scores, target):
     return 0.5 * F.mse_loss(scores.float(), torch.full_like(scores.float(), target))
+
+
+def d_loss(d_real, d_fake):
+    """D's loss from its scores: 1/2 E (D(x) - b)^2 + 1/2 E (D(G(z)) - a)^2."""
+    return mse(d_real, B) + mse(d_fake, A)
+
+
+def g_loss(d_gen):
+    """G's loss from D's scores of its images: 1/2 E (D(G(z)) - c)^2."""
+    return mse(d_gen, C)
 
 
 # -----------------------------------------------------------------------------
@@ -213,7 +225,7 @@ def main(argv=None):
                         fake = G_train(z)  # the D step does not train G: no graph through G
                     real, fake = augment(real), augment(fake)
                     d_real, d_fake = D_train(real), D_train(fake)
-                    loss_d = mse(d_real, 1.0) + mse(d_fake, 0.0)
+                    loss_d = d_loss(d_real, d_fake)
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
                 opt_d.step()
@@ -223,7 +235,7 @@ def main(argv=None):
             z = run.share(torch.randn(args.batch_size, args.nz, 1, 1, device=device))
             with run.autocast:
                 d_gen = D_train(augment(G_train(z)))
-                loss_g = mse(d_gen, 1.0)
+                loss_g = g_loss(d_gen)
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()

@@ -170,10 +170,13 @@ class VAE(nn.Module):
         """-> x_hat, mu, logvar. eps ~ N(0, I) (B, latent) is drawn by the caller, for the whole batch
         at once, so that a run split over processes draws the same numbers as one process."""
         mu, logvar = self.encoder(x)
-        # reparameterization: z = mu + sigma * eps, so that gradients reach mu and sigma through a
-        # sample (sampling z directly would have no gradient with respect to them)
-        z = mu + torch.exp(0.5 * logvar) * eps
-        return self.decoder(z), mu, logvar
+        return self.decoder(reparameterize(mu, logvar, eps)), mu, logvar
+
+
+def reparameterize(mu, logvar, eps):
+    """A draw z ~ q(z|x) = N(mu, diag(exp(logvar))) as z = mu + sigma * eps, sigma = exp(logvar / 2),
+    so that gradients reach mu and sigma through the sample (drawing z directly would have none)."""
+    return mu + torch.exp(0.5 * logvar) * eps
 
 
 # -----------------------------------------------------------------------------

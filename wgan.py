@@ -150,6 +150,23 @@ def mean(scores):
     return scores.float().mean()
 
 
+def d_loss(d_real, d_fake):
+    """The critic's loss from its scores: E D(G(z)) - E D(x), i.e. max E D(x) - E D(G(z))."""
+    return mean(d_fake) - mean(d_real)
+
+
+def g_loss(d_gen):
+    """G's loss from the critic's scores of its images: -E D(G(z))."""
+    return -mean(d_gen)
+
+
+@torch.no_grad()
+def clip_weights(D, c):
+    """WGAN's crude Lipschitz bound: every weight of D into [-c, c], after each update."""
+    for p in D.parameters():
+        p.clamp_(-c, c)
+
+
 def gradient_penalty(D, real, fake, e, autocast):
     """E (||grad_x D(x^)|| - 1)^2 at x^ = e x + (1 - e) G(z), e ~ U[0, 1] per image (WGAN-GP)."""
     x_hat = (e * real.float() + (1 - e) * fake.float()).requires_grad_(True)
@@ -242,7 +259,7 @@ def main(argv=None):
                         fake = G_train(z)  # the D step does not train G: no graph through G
                     real, fake = augment(real), augment(fake)
                     d_real, d_fake = D_train(real), D_train(fake)
-                    loss_d = mean(d_fake) - mean(d_real)
+                    loss_d = d_loss(d_real, d_fake)
                 if args.gp:
                     e = run.share(torch.rand(args.batch_size, 1, 1, 1, device=device))
                     loss_d = loss_d + args.gp * gradient_penalty(D, real, fake, e, run.autocast)
@@ -250,16 +267,14 @@ def main(argv=None):
                 loss_d.backward()
                 opt_d.step()
                 if not args.gp:
-                    with torch.no_grad():
-                        for p in D.parameters():
-                            p.clamp_(-args.clip, args.clip)
+                    clip_weights(D, args.clip)
 
             # (2) update G: min -E D(G(z)): raise the critic's score of the fakes. The critic's
             #     gradient does not vanish where the fakes are far from the reals
             z = run.share(torch.randn(args.batch_size, args.nz, 1, 1, device=device))
             with run.autocast:
                 d_gen = D_train(augment(G_train(z)))
-                loss_g = -mean(d_gen)
+                loss_g = g_loss(d_gen)
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
