@@ -313,6 +313,10 @@ def test_one_d_step_and_one_g_step_move_the_right_way(module, flags, seed, one_b
     else:
         assert d_objective(real2, fake2) < d_objective(real1, fake1)
         assert real2.mean() - fake2.mean() > real1.mean() - fake1.mean()
+    if module is wgan and not first["args"]["gp"]:  # the loop clips the critic (and only the critic)
+        clip = first["args"]["clip"]
+        assert all(p.abs().max() <= clip for p in D2.parameters())
+        assert any(p.abs().max() > clip for p in G2.parameters())
     # the G step lowers G's loss against the D it was trained against, and raises D(G(z))
     assert g_objective(gen2) < g_objective(fake2)
     assert gen2.mean() > fake2.mean()
