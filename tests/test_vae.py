@@ -279,11 +279,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path, monkeyp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(vae, "warp_batch", warp_then_interrupt)
+    handler = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN under nohup ... &
     assert run(tmp_path, "--epochs", 2, name="split") is None  # stopped cleanly, no exception
     monkeypatch.setattr(vae, "warp_batch", real)
     state = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["step"], state["image"]) == (0, 3, 48)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    assert signal.getsignal(signal.SIGINT) is handler  # the handler is given back
     vae.main(["--resume", str(tmp_path / "split" / "checkpoint.pt")])
     assert same_weights(weights(tmp_path / "straight" / "checkpoint.pt"), weights(tmp_path / "split" / "checkpoint.pt"))
     assert read_csv(tmp_path / "straight" / "elbo.csv") == read_csv(tmp_path / "split" / "elbo.csv")
