@@ -312,7 +312,7 @@ def test_one_d_step_and_one_g_step_move_the_right_way(module, flags, seed, one_b
         assert gp_loss(D2, G1, real) < gp_loss(D1, G1, real)  # the critic's loss, penalty included
     else:
         assert d_objective(real2, fake2) < d_objective(real1, fake1)
-        assert real2.mean() - fake2.mean() > real1.mean() - fake1.mean()
+    assert real2.mean() - fake2.mean() > real1.mean() - fake1.mean()
     if module is wgan and not first["args"]["gp"]:  # the loop clips the critic (and only the critic)
         clip = first["args"]["clip"]
         assert all(p.abs().max() <= clip for p in D2.parameters())
