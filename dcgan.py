@@ -17,7 +17,7 @@ samples/1.png ... N.png (and NAME.zip with --zip NAME). `diff dcgan.py lsgan.py`
 shows what another objective changes. README: results, and the commands that made them.
 
 Measured on the 2-core development CPU: the first command (about 2 min) draws icons of which
-modes.py recognises 58%, covering 25 of their 36 modes; on the 33,431 real anime faces at 32x32
+tools/modes.py recognises 58%, covering 25 of their 36 modes; on the 33,431 real anime faces at 32x32
 (8 epochs, batch 64, --ngf 32 --ndf 32, about 15 CPU-minutes) FID 131.9 against 10,000 real
 faces, where 5,000 other real faces score 6.3.
 """
@@ -29,10 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import flags
-import training
-from augment import diff_augment, random_affine, random_diffaug, warp_batch
-from outputs import to_uint8
+from ganlab import flags
+from ganlab import training
+from ganlab.augment import diff_augment, random_affine, random_diffaug, warp_batch
+from ganlab.outputs import to_uint8
 
 # -----------------------------------------------------------------------------
 # settings: `python dcgan.py --help` lists them all with their defaults

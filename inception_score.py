@@ -1260,7 +1260,7 @@ def open_source(spec, chunk, image_size=None, data_root=None, progress=True):
     and the entries skipped as not images."""
     if (spec in DATASET_NAMES and not os.path.exists(spec)) or (
             image_size is not None and not spec.lower().endswith((".npy", ".npz"))):
-        import data  # the project's dataset readers (the training scripts' view of a dataset)
+        from ganlab import data  # the project's dataset readers (the training scripts' view of a dataset)
         x = data.load_images(spec, root=data_root, size=image_size or data.native_size(spec, data_root),
                              progress=progress)
         return ImageChunks(spec, array=x.permute(0, 2, 3, 1).numpy(), chunk=chunk), []

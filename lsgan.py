@@ -20,7 +20,7 @@ samples/1.png ... N.png (and NAME.zip with --zip NAME). `diff dcgan.py lsgan.py`
 shows what another objective changes. README: results, and the commands that made them.
 
 Measured on the 2-core development CPU (one thread): the first command draws icons of which
-modes.py recognises 52.6%, covering 25 of their 36 modes (dcgan.py: 55.5%, 23); on the real
+tools/modes.py recognises 52.6%, covering 25 of their 36 modes (dcgan.py: 55.5%, 23); on the real
 anime faces at 32x32 with dcgan.py's settings, FID 172.7 against dcgan.py's 131.9.
 """
 
@@ -31,10 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import flags
-import training
-from augment import diff_augment, random_affine, random_diffaug, warp_batch
-from outputs import to_uint8
+from ganlab import flags
+from ganlab import training
+from ganlab.augment import diff_augment, random_affine, random_diffaug, warp_batch
+from ganlab.outputs import to_uint8
 
 # -----------------------------------------------------------------------------
 # settings: `python dcgan.py --help` lists them all with their defaults

@@ -6,7 +6,9 @@
     python setup.py build_ext --inplace    # optional: build csrc/ now (-> _ganlab_C*.so);
                                            # otherwise augment.py builds it on first use
 
-The scripts (vae.py, dcgan.py, ...) run from the checkout; nothing is installed as a module.
+The model scripts (vae.py, dcgan.py, ...) and tools (tools/*.py) run from the checkout; the
+install makes the shared package (ganlab/) and the scripts importable from anywhere (the tools
+import them).
 Rebuild after changing csrc/ (or delete _ganlab_C*.so to go back to the JIT build).
 """
 import os
@@ -39,8 +41,8 @@ setup(
     description="Classic generative image models (VAE, DCGAN, LSGAN, WGAN), one readable script each, "
                 "with a fused C++/CUDA data path",
     python_requires=">=3.9",
-    py_modules=[],  # scripts and modules run from the checkout
-    packages=[],
+    py_modules=["vae", "dcgan", "lsgan", "wgan", "inception_score"],  # importable by the tools
+    packages=["ganlab"],
     install_requires=["torch>=2.4", "numpy", "h5py", "pillow", "ninja", "tqdm", "matplotlib"],
     extras_require={"test": ["pytest", "scipy"]},
     ext_modules=ext_modules,

@@ -17,7 +17,7 @@ and curves.png (the same per step), reconstructions.png (8 held-out images above
 reconstructions), samples.png (64 draws from the prior N(0, I), decoded; the same z every epoch),
 checkpoint.pt (--resume continues it exactly); with --sample N the images samples/1.png ... N.png
 (and NAME.zip with --zip NAME) in the GAN scripts' format, so that one tool scores both.
-vae_sweep.py compares latent sizes and batch sizes.
+tools/vae_sweep.py compares latent sizes and batch sizes.
 
 Measured on the 2-core development CPU (one thread, other jobs running). On the built-in icons,
 `python vae.py --max-images 5000 --epochs 24 --latent 8` (189 s of CPU) reconstructs closely and
@@ -42,10 +42,10 @@ import time
 import torch
 import torch.nn as nn
 
-import flags
-import training
-from augment import random_affine, to_device, warp_batch
-from outputs import save_grid
+from ganlab import flags
+from ganlab import training
+from ganlab.augment import random_affine, to_device, warp_batch
+from ganlab.outputs import save_grid
 
 # -----------------------------------------------------------------------------
 # settings: `python vae.py --help` lists them all with their defaults

@@ -22,7 +22,7 @@ samples/1.png ... N.png (and NAME.zip with --zip NAME). `diff dcgan.py lsgan.py`
 shows what another objective changes. README: results, and the commands that made them.
 
 Measured on the 2-core development CPU (one thread): the first command draws icons of which
-modes.py recognises 28.6% (14 of their 36 modes; dcgan.py 55.5%); without --d-steps 1 --lr-g 1e-3
+tools/modes.py recognises 28.6% (14 of their 36 modes; dcgan.py 55.5%); without --d-steps 1 --lr-g 1e-3
 --lr-d 1e-3, i.e. with the paper's 5 critic steps and lr 1e-4, the same 24 epochs leave G 360 steps
 and one repeated image (0%). On the real anime faces at 32x32, --gp 10 with the paper's settings,
 8 epochs (832 G steps): FID 321.6 against dcgan.py's 131.9, still learning.
@@ -34,10 +34,10 @@ import copy
 import torch
 import torch.nn as nn
 
-import flags
-import training
-from augment import diff_augment, random_affine, random_diffaug, warp_batch
-from outputs import to_uint8
+from ganlab import flags
+from ganlab import training
+from ganlab.augment import diff_augment, random_affine, random_diffaug, warp_batch
+from ganlab.outputs import to_uint8
 
 # -----------------------------------------------------------------------------
 # settings: `python dcgan.py --help` lists them all with their defaults

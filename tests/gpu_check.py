@@ -17,13 +17,13 @@ so), and a step that fails or runs out of time never stops the later ones:
                    caching allocator off (an overrun inside a cached block is otherwise unseen)
   racecheck        compute-sanitizer --tool racecheck over the DiffAugment tests (shared-memory
                    hazards of the block reduction; warp_batch uses no shared memory)
-  bench-op         python bench.py --only op: fused vs chain vs Pillow, and the copy-bandwidth floor
+  bench-op         python tools/bench.py --only op: fused vs chain vs Pillow, and the copy-bandwidth floor
   dcgan            dcgan.py at 64x64 on the first --faces-images faces of --faces, eager
   dcgan-compile    the same with --compile
   dcgan-torchrun   the same under torchrun with one process
-  bench-train      python bench.py --only train (shapes, and the same faces)
-  bench-inception  python bench.py --only inception
-  bench-fid        python bench.py --only fid on --fid-images PNGs (default 50,000): FID end to end,
+  bench-train      python tools/bench.py --only train (shapes, and the same faces)
+  bench-inception  python tools/bench.py --only inception
+  bench-fid        python tools/bench.py --only fid on --fid-images PNGs (default 50,000): FID end to end,
                    pytorch-fid's pipeline against inception_score.py's (real weights if installed)
 
 On a machine without a CUDA GPU every GPU step is skipped with that reason, and the script
@@ -206,7 +206,7 @@ if prebuilt:
 start = time.monotonic()
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    import augment
+    from ganlab import augment
     loaded = augment.load_extension()
 seconds = time.monotonic() - start
 for w in caught:
@@ -265,7 +265,7 @@ KERNEL_TESTS = "test_cuda_warp_equals_cpu_and_grid_sample or test_cuda_diffaug_e
 
 def check_flags(context):
     """The flags the dcgan and bench steps pass must exist: read from the scripts' parsers."""
-    sys.path.insert(0, REPO)
+    sys.path[:0] = [REPO, os.path.join(REPO, "tools")]
     import bench
     import dcgan
 
@@ -344,7 +344,7 @@ def make_steps(args, context):
         Step("racecheck", 120, [sanitizer, "--tool", "racecheck", "--target-processes", "all", *pytest,
                                 "-k", "test_cuda_diffaug_equals_cpu"], needs="sanitizer", judge=judge_sanitizer,
              env=no_caching),
-        Step("bench-op", 120, [python, "bench.py", "--only", "op", *bench_common], quote_all=True),
+        Step("bench-op", 120, [python, "tools/bench.py", "--only", "op", *bench_common], quote_all=True),
         Step("dcgan", 120, [python, "dcgan.py", *dcgan_flags, "--out", os.path.join(work, "dcgan-eager")],
              needs="faces_subset"),
         Step("dcgan-compile", 180, [python, "dcgan.py", *dcgan_flags, "--compile",
@@ -352,14 +352,14 @@ def make_steps(args, context):
         Step("dcgan-torchrun", 120, [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
                                      "dcgan.py", *dcgan_flags, "--out", os.path.join(work, "dcgan-torchrun")],
              needs="faces_subset"),
-        Step("bench-train", 150, [python, "bench.py", "--only", "train", *bench_common, "--workloads",
+        Step("bench-train", 150, [python, "tools/bench.py", "--only", "train", *bench_common, "--workloads",
                                   "shapes,anime" if context.get("faces_subset") else "shapes",
                                   "--anime", context.get("faces_subset") or "FACES",
                                   "--max-images", str(args.faces_images)], quote_all=True),
-        Step("bench-inception", 120, [python, "bench.py", "--only", "inception", "--device", "cuda",
+        Step("bench-inception", 120, [python, "tools/bench.py", "--only", "inception", "--device", "cuda",
                                       "--images", "1000", "--repeats", "1"], quote_all=True),
         # last: it is the longest, and the budget skips it (saying so) when the steps before took their time
-        Step("bench-fid", 240, [python, "bench.py", "--only", "fid", "--device", "cuda",
+        Step("bench-fid", 240, [python, "tools/bench.py", "--only", "fid", "--device", "cuda",
                                 "--images", str(args.fid_images), "--repeats", "1"], quote_all=True),
     ]
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import augment
+from ganlab import augment
 import compile_cuda_headers
-from augment import DiffAugParams
+from ganlab.augment import DiffAugParams
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.cuda.is_available()
@@ -90,7 +90,7 @@ GUARD_PAGE_SCRIPT = r"""
 import ctypes, mmap, sys
 import numpy as np, torch
 sys.path.insert(0, sys.argv[1])
-import augment
+from ganlab import augment
 # a bank whose last byte is the last byte before a page the process may not touch
 page = mmap.PAGESIZE
 shape = (3, 3, 13, 13)
@@ -585,7 +585,7 @@ def test_missing_cuda_kernels_are_reported_once_at_load(monkeypatch):
 
 
 def test_reference_forced_by_environment():
-    code = "import augment, torch; print(augment.load_extension())"
+    code = "from ganlab import augment; print(augment.load_extension())"
     env = dict(os.environ, GANLAB_REFERENCE="1")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -615,7 +615,7 @@ from torch.utils import cpp_extension
 def no_jit(*args, **kwargs):
     raise AssertionError("augment.py JIT-built although an ahead-of-time build is present")
 cpp_extension.load = no_jit
-import augment
+from ganlab import augment
 assert augment.load_extension()
 g = torch.Generator().manual_seed(0)
 bank = torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8, generator=g)
@@ -630,9 +630,9 @@ print("ok")
 def test_ahead_of_time_build_is_used(tmp_path):
     # `python setup.py build_ext --inplace` in a copy of the checkout (so the .so does not
     # shadow the JIT build of the other tests), then augment.py must load it and not JIT-build
-    for name in ["setup.py", "augment.py"]:
-        shutil.copy(os.path.join(REPO, name), tmp_path / name)
-    shutil.copytree(os.path.join(REPO, "csrc"), tmp_path / "csrc")
+    shutil.copy(os.path.join(REPO, "setup.py"), tmp_path / "setup.py")
+    for folder in ["csrc", "ganlab"]:
+        shutil.copytree(os.path.join(REPO, folder), tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path,
                            capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]

@@ -110,7 +110,7 @@ def test_resume_into_another_runs_folder_needs_force(finished, tmp_path, capsys)
 
 
 def test_output_paths_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
-    import data
+    from ganlab import data
     monkeypatch.setattr(data, "load_images", lambda *a, **k: pytest.fail("the data must not be loaded"))
     a_file = tmp_path / "a_file"
     a_file.write_text("x")

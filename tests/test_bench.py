@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_bench(*args):
-    result = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--seconds", "0.01", "--rounds", "1",
+    result = subprocess.run([sys.executable, "tools/bench.py", "--device", "cpu", "--seconds", "0.01", "--rounds", "1",
                              *args],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -33,12 +33,12 @@ def test_train_and_inception_sections():
 
 
 def test_unknown_section_is_an_error():
-    result = subprocess.run([sys.executable, "bench.py", "--only", "nope"], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "tools/bench.py", "--only", "nope"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "--only: unknown 'nope'" in result.stderr
 
 
 def bad_input_refused(argv, monkeypatch, capsys):
-    """python bench.py ARGV, in this process, with every section replaced by a recorder: -> (exit status,
+    """python tools/bench.py ARGV, in this process, with every section replaced by a recorder: -> (exit status,
     stderr, sections that ran). A usage error must come before any section runs."""
     import bench
     ran = []

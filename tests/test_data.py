@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+from ganlab import data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FACES = os.path.join(REPO, '..', 'shared', 'data', 'anime-faces')
@@ -657,10 +657,10 @@ def test_native_size(tmp_path):
 
 
 def run_data_py(argv, monkeypatch, capsys):
-    """python data.py ARGV in this process -> (exit status, stderr)."""
+    """python -m ganlab.data ARGV in this process -> (exit status, stderr)."""
     monkeypatch.setattr(sys, 'argv', ['data.py', *argv])
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(os.path.join(REPO, 'data.py'), run_name='__main__')
+        runpy.run_path(os.path.join(REPO, 'ganlab', 'data.py'), run_name='__main__')
     return exit_info.value.code, capsys.readouterr().err
 
 

@@ -14,6 +14,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["dcgan", "lsgan", "wgan", "vae", "vae_sweep", "modes", "swd", "inception_score", "bench"]
+PATHS = {name: f"tools/{name}.py" if name in ("vae_sweep", "modes", "swd", "bench") else f"{name}.py" for name in SCRIPTS}
 
 
 def commands(text):
@@ -26,9 +27,11 @@ def commands(text):
         if not line.startswith("    ") or "(" in code or "`" in code:
             continue
         for part in re.split(r"&&|;", code):
-            match = re.search(r"(?:python|torchrun.*?)\s+(\w+)\.py\b(.*)", part)
-            if match and match.group(1) in SCRIPTS:
-                found.append((match.group(1), match.group(2)))
+            match = re.search(r"(?:python|torchrun.*?)\s+((?:[\w.-]+/)*(\w+)\.py)\b(.*)", part)
+            if match and match.group(2) in SCRIPTS:
+                # a command must name the script where it is: tools/modes.py, not modes.py
+                found.append((match.group(2) if match.group(1) == PATHS[match.group(2)] else match.group(1),
+                              match.group(3)))
     return found
 
 
@@ -66,8 +69,9 @@ def test_the_docs_show_commands_of_every_script():
     assert {script for _, script, _ in CASES} == set(SCRIPTS)
 
 
-@pytest.mark.parametrize("where, script, rest", CASES, ids=[f"{w}: {s}.py{r[:60]}" for w, s, r in CASES])
+@pytest.mark.parametrize("where, script, rest", CASES, ids=[f"{w}: {s}{r[:60]}" for w, s, r in CASES])
 def test_documented_command_parses(where, script, rest, tmp_path, monkeypatch):
+    assert script in SCRIPTS, f"{where}: python {script}{rest}: the script is {PATHS[script[:-3]]}"
     monkeypatch.chdir(tmp_path)  # output paths are checked for writability where they would go
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda lines are for GPU machines
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
@@ -84,4 +88,6 @@ def test_docstring_lines_stay_lines(name):
 
 def test_a_wrong_flag_is_caught():  # the check itself can fail
     assert commands("    python dcgan.py --epochs 3 --no-such-flag\n") == [("dcgan", " --epochs 3 --no-such-flag")]
+    assert commands("    python tools/modes.py shapes\n") == [("modes", " shapes")]
+    assert commands("    python modes.py shapes\n") == [("modes.py", " shapes")]  # not where it is: fails below
     assert "unrecognized arguments: --no-such-flag" in parse("dcgan", ["--epochs", "3", "--no-such-flag"])

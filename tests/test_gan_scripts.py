@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+from ganlab import data
 import dcgan
 import lsgan
-import outputs
-import training
+from ganlab import outputs
+from ganlab import training
 import wgan
 
 SCRIPTS = {"dcgan": dcgan, "lsgan": lsgan, "wgan": wgan}

@@ -1034,7 +1034,7 @@ def test_cli_fid_kid_and_save_stats(tmp_path, capsys, monkeypatch, stand_in_fid)
 
 
 def test_cli_dataset_name_and_image_size_read_through_data_py(tmp_path, capsys, monkeypatch, stand_in_fid):
-    import data
+    from ganlab import data
     no_inception_score(monkeypatch)
     warnings.simplefilter("ignore")
     # a dataset name: the training scripts' images, here the built-in icons at 8 x 8

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from scipy import ndimage, stats
 
-import data
+from ganlab import data
 import modes
 
 
@@ -119,7 +119,7 @@ def test_command_scores_a_folder_and_a_zip(trained, tmp_path, capsys):
 
 
 def test_grids_scored_one_by_one_in_step_order(trained, tmp_path, capsys):
-    from outputs import make_grid, png_bytes
+    from ganlab.outputs import make_grid, png_bytes
     folder = tmp_path / "grids"
     folder.mkdir()
     real = icons(64, seed=81)

@@ -24,10 +24,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import data
+from ganlab import data
 import dcgan
 import lsgan
-import training
+from ganlab import training
 import vae
 import wgan
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from scipy import ndimage, stats
 
-import data
+from ganlab import data
 import swd
 
 

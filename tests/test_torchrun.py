@@ -22,7 +22,7 @@ TINY = ["--device", "cpu", "--max-images", "64", "--batch-size", "16", "--ngf", 
 WORKER = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-import data, training
+from ganlab import data, training
 import {script} as script
 
 # the scripts' tests use a few hundred built-in icons, not the default 20,000
@@ -194,7 +194,8 @@ def test_batch_not_divisible_by_the_processes_is_refused(tmp_path):
 CRITIC = """
 import contextlib, copy, gc, os, sys
 sys.path.insert(0, {repo!r})
-import torch, training, wgan
+import torch, wgan
+from ganlab import training
 
 # three WGAN-GP critic updates, penalty included: each process takes half the batch through
 # DistributedDataParallel, and process 0 also makes them on its own with the whole batch

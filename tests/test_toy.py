@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+from ganlab import data
 import dcgan
 import lsgan
 import vae

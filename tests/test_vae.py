@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-import outputs
+from ganlab import data
+from ganlab import outputs
 import vae
 import vae_sweep
 

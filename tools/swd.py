@@ -4,9 +4,9 @@ of generated images are from those of real ones, at every scale. Needs no pretra
 so it runs offline on any images; we use it to compare runs (augmentation on and off, one
 objective against another) where the Inception weights are not at hand.
 
-    python swd.py out/dcgan-anime/samples ../shared/data/anime-faces    # at the samples' size
-    python swd.py out/dcgan-anime/samples anime --json out/dcgan-anime/swd.json
-    python swd.py anime anime --reference-offset 10000        # real against real: the noise floor
+    python tools/swd.py out/dcgan-anime/samples ../shared/data/anime-faces    # at the samples' size
+    python tools/swd.py out/dcgan-anime/samples anime --json out/dcgan-anime/swd.json
+    python tools/swd.py anime anime --reference-offset 10000        # real against real: the noise floor
 
 Each argument is anything data.py reads: a folder or zip of images (1.png ... N.png, JPEGs),
 an .hdf5/.pkl file, or a dataset name (shapes, lld, anime). The last line printed is
@@ -45,9 +45,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import data
-import flags
-from outputs import write_json
+from ganlab import data
+from ganlab import flags
+from ganlab.outputs import write_json
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -1,7 +1,7 @@
 """Latent size and minibatch size of vae.py, one factor at a time: a run per variant, then a table and a figure.
 
-    python vae_sweep.py --data anime --image-size 32 --epochs 3          # README: the table this gives
-    python vae_sweep.py --latents 16,128 --batch-sizes 64 --epochs 2     # every other flag goes to vae.py
+    python tools/vae_sweep.py --data anime --image-size 32 --epochs 3          # README: the table this gives
+    python tools/vae_sweep.py --latents 16,128 --batch-sizes 64 --epochs 2     # every other flag goes to vae.py
 
 Each latent size of --latents is trained at vae.py's --batch-size, then each batch size of --batch-sizes
 at its --latent (the pair in both lists once), each as `vae.py ... --latent Z --batch-size B --out
@@ -18,8 +18,8 @@ import csv
 import os
 import sys
 
-import data
-import flags
+from ganlab import data
+from ganlab import flags
 import vae
 
 

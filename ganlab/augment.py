@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: csrc/, a prebuilt _ganlab_C
 PADDING_MODES = {"zeros": 0, "border": 1, "reflection": 2}
 EMPTY_BATCH = "warp_batch: index is empty (a batch of 0 samples)"  # the compiled op's words (csrc/augment.cpp)
 
@@ -54,13 +54,13 @@ def _build_and_load():
 
     Returns why the extension has no CUDA kernels where that matters (a CUDA build of torch),
     else None: "no nvcc", a CUDA version mismatch, or the build error."""
-    prebuilt = glob.glob(os.path.join(HERE, "_ganlab_C*.so")) + glob.glob(os.path.join(HERE, "_ganlab_C*.pyd"))
+    prebuilt = glob.glob(os.path.join(REPO, "_ganlab_C*.so")) + glob.glob(os.path.join(REPO, "_ganlab_C*.pyd"))
     if prebuilt:
         torch.ops.load_library(prebuilt[0])
         return f"were not built into {prebuilt[0]} (setup.py found no nvcc, or this torch has no CUDA)"
     from torch.utils import cpp_extension
 
-    csrc = os.path.join(HERE, "csrc")
+    csrc = os.path.join(REPO, "csrc")
     # at::parallel_for is an OpenMP pragma in torch's headers when torch uses OpenMP: without
     # -fopenmp it silently runs on one thread. (Linking libgomp.so.1 adds no second runtime:
     # the loader reuses the one torch has loaded under that name.)
@@ -135,7 +135,7 @@ def _try_cuda_build(build_cuda, cuda_home):
                 f"{nvcc.split('.')[0]} (pip install torch --index-url https://download.pytorch.org/whl/cu"
                 f"{nvcc.replace('.', '')})")
     digest = hashlib.sha256(f"torch {torch.__version__} cuda {torch_cuda} nvcc {nvcc}".encode())
-    csrc = os.path.join(HERE, "csrc")
+    csrc = os.path.join(REPO, "csrc")
     for name in sorted(n for n in os.listdir(csrc) if os.path.isfile(os.path.join(csrc, n))):
         with open(os.path.join(csrc, name), "rb") as f:
             digest.update(name.encode() + f.read())

@@ -1,13 +1,13 @@
 """Dataset readers: files on disk -> one uint8 tensor (N, 3, H, W), the image bank the op samples from.
 
-    from data import load_images
+    from ganlab.data import load_images
     x = load_images('shapes')              # built-in procedural icons, (20000, 3, 32, 32), no download
     x = load_images('lld')                 # LLD-icon from data/lld/: hdf5, pkl, png folder or png zip
     x = load_images('anime', size=64)      # anime faces from data/anime/: centre square, resized once
     x = load_images('some/folder_or.zip')  # any images (or an .hdf5/.pkl file), at their own size
     x = load_images('anime', limit=5000)   # only the first 5,000 are decoded (the scripts' --max-images)
 
-    python data.py --data anime --image-size 64   # decode once, fill the cache, print time and memory
+    python -m ganlab.data --data anime --image-size 64   # decode once, fill the cache, print time and memory
 
 Where data is looked for: `root` (the scripts' --data-root), else $GANLAB_DATA, else data/ beside
 this file; 'lld' and 'anime' are the folders root/lld and root/anime. In a folder the order of
@@ -49,7 +49,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, which holds data/
 LLD_URL = 'https://data.vision.ee.ethz.ch/sagea/lld/'
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
 CHUNK_BYTES = 32 * 2**20  # pixels a decoding worker hands back at a time
@@ -666,7 +666,7 @@ def make_shapes(n=20000, size=32, seed=0, labels=False):
     Each icon: one large mark (disc, square, triangle or plus) in one of 3 colours, on a plain
     background of one of 3 colours, near the centre, with anti-aliased soft edges. 20,000 icons
     take about a second. Deliberately few factors: the set must be learnable in minutes on a CPU
-    (README, "Quickstart"), and its 36 modes are what `python modes.py` counts.
+    (README, "Quickstart"), and its 36 modes are what `python tools/modes.py` counts.
     """
     rng = np.random.default_rng(seed)
     # every random choice is drawn up front, so the result does not depend on the chunks below
@@ -729,7 +729,7 @@ def _draw_icons(p, size):
 if __name__ == '__main__':
     import resource
 
-    import flags
+    from ganlab import flags
     parser = argparse.ArgumentParser(description='Load a dataset once (fills the cache): shape, time, memory.')
     parser.add_argument('--data', default='shapes', help="'shapes', 'lld', 'anime', or a folder/zip/hdf5/pkl")
     parser.add_argument('--data-root', default=None, help='holds lld/ and anime/ (default: $GANLAB_DATA, data/)')

@@ -33,9 +33,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import data
-import flags
-from outputs import CheckpointError, CurveLog, load_checkpoint, save_checkpoint, save_grid, write_samples
+from ganlab import data
+from ganlab import flags
+from ganlab.outputs import CheckpointError, CurveLog, load_checkpoint, save_checkpoint, save_grid, write_samples
 
 # settings that belong to one command, never taken from a checkpoint
 PER_COMMAND = ["resume", "out", "sample", "zip", "force", "device", "compile", "sync_batchnorm"]

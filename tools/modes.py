@@ -3,14 +3,14 @@ Mode coverage on the built-in shapes: which of the set's 36 modes a generator's 
 how evenly, and how many samples are recognisable at all. Needs no download: a small classifier
 is trained on the built-in set's own labels (seconds on a CPU) and cached.
 
-    python modes.py out/dcgan-shapes/samples                 # a folder of 1.png ... N.png, or a zip
-    python modes.py out/dcgan-shapes/samples --json out/dcgan-shapes/modes.json
-    python modes.py shapes --max-images 2000                 # real icons: the top of every scale
-    python modes.py out/dcgan-shapes/grids --grids           # each per-epoch grid (64 samples), in step order
+    python tools/modes.py out/dcgan-shapes/samples                 # a folder of 1.png ... N.png, or a zip
+    python tools/modes.py out/dcgan-shapes/samples --json out/dcgan-shapes/modes.json
+    python tools/modes.py shapes --max-images 2000                 # real icons: the top of every scale
+    python tools/modes.py out/dcgan-shapes/grids --grids           # each per-epoch grid (64 samples), in step order
 
 The last line printed is
 
-    modes: recognised 100.0%, covered 36/36, KL 0.011  (2000 images)       # python modes.py shapes --max-images 2000
+    modes: recognised 100.0%, covered 36/36, KL 0.011  (2000 images)       # python tools/modes.py shapes --max-images 2000
 
 The Stacked MNIST measure of the GAN literature (Metz et al. 2017; Srivastava et al. 2017,
 VEEGAN; Lin et al. 2018, PacGAN), on the built-in icons. Every icon is one of 4 shapes x 3 mark
@@ -53,8 +53,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-import data
-from outputs import atomic_write, write_json
+from ganlab import data
+from ganlab.outputs import atomic_write, write_json
 
 parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -1,8 +1,8 @@
 """Benchmarks: every speed figure in the README comes from this script.
 
-    python bench.py                          # every section on the default device (cuda if present)
-    python bench.py --only op                # one section: op, train, inception or fid
-    python bench.py --device cpu --only train --seconds 20
+    python tools/bench.py                          # every section on the default device (cuda if present)
+    python tools/bench.py --only op                # one section: op, train, inception or fid
+    python tools/bench.py --device cpu --only train --seconds 20
 
 Ratios are measured in one process against named baselines (DESIGN.md, "Performance");
 compare them within a run, never absolute times across machines.
@@ -50,14 +50,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-import augment
-import data
+from ganlab import augment
+from ganlab import data
 import dcgan
-import flags
+from ganlab import flags
 import inception_score as IS
-import training
+from ganlab import training
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 SPLITS = 10  # the Inception Score's splits, as the reference computes it
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", type=flags.device, default="auto",
@@ -76,7 +76,7 @@ parser.add_argument("--rounds", type=flags.positive_int, default=3,
 parser.add_argument("--workers", type=flags.nonnegative_int, default=2,
                     help="worker processes of the DataLoader baselines (0: in the main process)")
 parser.add_argument("--compile", action="store_true", help="train: torch.compile G and D, as dcgan.py --compile")
-parser.add_argument("--anime", default=os.path.join(HERE, "..", "shared", "data", "anime-faces"),
+parser.add_argument("--anime", default=os.path.join(REPO, "..", "shared", "data", "anime-faces"),
                     help="train: folder of anime-face JPEGs")
 parser.add_argument("--images", type=flags.positive_int, default=200,
                     help=f"inception, fid: 32x32 PNGs to score (at least {SPLITS}, one per split)")
