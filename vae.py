@@ -1,6 +1,6 @@
 """A convolutional variational autoencoder (Kingma & Welling 2014), one file, top to bottom.
 
-    python vae.py --max-images 5000 --epochs 24 --latent 8    # built-in icons, 32x32: README, Quickstart
+    python vae.py                         # the built-in icons, 32x32, about 3 CPU-minutes (SHAPES_DEFAULTS below)
     python vae.py --data anime --image-size 64 --epochs 30                # the anime faces at 64x64
     python vae.py --resume out/vae-anime/checkpoint.pt --epochs 0 --sample 50000 --zip vae_img
     torchrun --standalone --nproc-per-node 8 vae.py --data anime --epochs 30                  # 8 GPUs
@@ -20,7 +20,7 @@ checkpoint.pt (--resume continues it exactly); with --sample N the images sample
 tools/vae_sweep.py compares latent sizes and batch sizes.
 
 Measured on the 2-core development CPU (one thread, other jobs running). On the built-in icons,
-`python vae.py --max-images 5000 --epochs 24 --latent 8` (189 s of CPU) reconstructs closely and
+`python vae.py` (its SHAPES_DEFAULTS, 189 s of CPU) reconstructs closely and
 its prior samples show the four shapes, on washed-out backgrounds between the three colours
 (modes.py recognises 1.5%: README, Quickstart); with the default --latent 128 (or 16) the prior
 samples were patchy colour fields (an earlier version of the set): the codes of the training
@@ -51,7 +51,7 @@ from ganlab.outputs import save_grid
 # settings: `python vae.py --help` lists them all with their defaults
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=flags.HelpFormatter)
 group = parser.add_argument_group("model")
 group.add_argument("--latent", type=flags.positive_int, default=128, help="dimension of the latent z")
 group.add_argument("--width", type=flags.positive_int, default=32,
@@ -63,6 +63,9 @@ group.add_argument("--holdout", type=flags.positive_float, default=0.05,
 training.add_run_flags(parser, epochs=20, batch_size=64, augment="flip", what_samples="decoded prior samples")
 # a checkpoint only fits networks of the same shapes, and its held-out numbers the same split
 MUST_MATCH = ["image_size", "latent", "width", "data", "max_images", "holdout"]
+# the built-in icons (--data shapes, the default) with these instead (about 3 CPU-minutes; measured:
+# docs/results.md); a flag given on the command line wins
+SHAPES_DEFAULTS = dict(max_images=5000, epochs=24, latent=8)
 
 # -----------------------------------------------------------------------------
 # the model
@@ -333,7 +336,8 @@ def heldout_count(n, holdout):
 def main(argv=None):
     """Train (or with --epochs 0 only measure and sample); returns the final held-out numbers, the settings."""
     # the command line, checked before any work; the processes under torchrun; the device; the seed
-    run = training.Run(parser, argv, __file__, MUST_MATCH, curve_groups=[["neg_elbo"], ["recon"], ["kl"]])
+    run = training.Run(parser, argv, __file__, MUST_MATCH, curve_groups=[["neg_elbo"], ["recon"], ["kl"]],
+                       shapes_defaults=SHAPES_DEFAULTS)
     args, device, B = run.args, run.device, run.args.batch_size
     if args.holdout >= 1:
         run.error(f"--holdout {args.holdout}: give the fraction of the images to hold out, between 0 and 1")

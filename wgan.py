@@ -1,7 +1,7 @@
 """WGAN: the Wasserstein GAN (Arjovsky et al. 2017) and WGAN-GP (Gulrajani et al. 2017).
 
-    python wgan.py --gp 10 --d-steps 1 --lr-g 1e-3 --lr-d 1e-3 --max-images 5000 --epochs 24 --batch-size 64 \\
-        --ngf 24 --ndf 16 --ema 0.99 --augment flip --diffaug color,translation   # built-in icons: README
+    python wgan.py --sample 1000           # the built-in icons: WGAN-GP, CPU minutes (SHAPES_DEFAULTS below)
+    python wgan.py --data lld              # the paper's WGAN: weight clipping, RMSprop, 5 critic steps
     torchrun --standalone --nproc-per-node 8 wgan.py --gp 10 --data lld --epochs 20 --sample 50000   # 8 GPUs
 
 A generator G turns noise z ~ N(0, I) into an image; a critic D gives each image a raw score (no
@@ -43,7 +43,7 @@ from ganlab.outputs import to_uint8
 # settings: `python dcgan.py --help` lists them all with their defaults
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=flags.HelpFormatter)
 group = parser.add_argument_group("model")
 group.add_argument("--nz", type=flags.positive_int, default=100, help="size of the noise vector z")
 group.add_argument("--ngf", type=flags.positive_int, default=64, help="G's width: channels of its last hidden layer")
@@ -64,6 +64,11 @@ group.add_argument("--diffaug", default="none",
 # and the flags every script shares: data, epochs, batch size, seed, device, output, resume
 training.add_run_flags(parser, epochs=25, batch_size=64)
 MUST_MATCH = ["image_size", "nz", "ngf", "ndf", "gp"]  # a checkpoint only fits the same networks (--gp: no BatchNorm)
+# the built-in icons (--data shapes, the default) train with these instead of the paper's settings:
+# WGAN-GP with one critic step and a higher learning rate learns in CPU minutes (measured:
+# docs/results.md); a flag given on the command line wins
+SHAPES_DEFAULTS = dict(max_images=5000, epochs=24, batch_size=64, ngf=24, ndf=16, ema=0.99, gp=10.0, d_steps=1,
+                       lr_g=1e-3, lr_d=1e-3, augment="flip", diffaug="color,translation")
 
 # -----------------------------------------------------------------------------
 # the networks
@@ -184,7 +189,8 @@ def gradient_penalty(D, real, fake, e, autocast):
 
 def main(argv=None):
     # the command line, checked before any work; the processes under torchrun; the device; the seed
-    run = training.Run(parser, argv, __file__, MUST_MATCH, curve_groups=[["loss_D", "loss_G"], ["D_x", "D_G_z"]])
+    run = training.Run(parser, argv, __file__, MUST_MATCH, curve_groups=[["loss_D", "loss_G"], ["D_x", "D_G_z"]],
+                       shapes_defaults=SHAPES_DEFAULTS)
     args, device = run.args, run.device
     args.lr_g = args.lr_g if args.lr_g is not None else 1e-4 if args.gp else 5e-5
     args.lr_d = args.lr_d if args.lr_d is not None else 1e-4 if args.gp else 5e-5

@@ -9,7 +9,8 @@ usage error, "argument --batch-size: must be a whole number >= 1, got '0'" (exit
     seed                                   0 <= seed < 2**64, the range torch.manual_seed takes
     device                                 auto, cpu, cuda, cuda:N, ... (checked by resolve_device)
 
-and checks of paths a run will write, made before the run rather than after it:
+HelpFormatter is the scripts' --help: each flag's default, none where a flag has none. Then
+checks of paths a run will write, made before the run rather than after it:
 
     resolve_device(text)                   'auto' -> cuda if there is a GPU else cpu; refuses a
                                            device this torch cannot use, saying what to pass
@@ -25,6 +26,16 @@ import math
 import os
 
 import torch
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except where there is none to show (the help says what
+    happens when the flag is not given)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _number(text, kind):

@@ -129,11 +129,19 @@ def _torchrun():
 class Run:
     """One training run: its settings (args), device, processes, checkpoint, curves and files."""
 
-    def __init__(self, parser, argv, script_file, must_match, curve_groups=None):
+    def __init__(self, parser, argv, script_file, must_match, curve_groups=None, shapes_defaults=None):
         script = self.script = os.path.splitext(os.path.basename(script_file))[0]  # dcgan, ...
         self.parser = parser
+        if shapes_defaults:  # --help lists them
+            parser.epilog = ("with --data shapes (the built-in icons, the default) these defaults change: " +
+                             " ".join(f"--{k.replace('_', '-')} {v}" for k, v in shapes_defaults.items()))
         args = self.args = parser.parse_args(argv)
         self.checkpoint = self._resume_settings(argv, must_match) if args.resume else None
+        if shapes_defaults and not args.resume and args.data == "shapes":  # a resumed run has its own
+            given = self._given(argv)
+            for key, value in shapes_defaults.items():
+                if key not in given:
+                    setattr(args, key, value)
         self.error = parser.error
         if not args.resume and args.epochs == 0:
             self.error("--epochs 0 trains nothing: give --resume CKPT to sample a trained run, or --epochs N")
@@ -204,11 +212,7 @@ class Run:
             who = f"{writer}.py" if writer else "an older version of this project or another program"
             self.parser.error(f"--resume {args.resume} was written by {who}, not {self.script}.py: resume it with "
                               f"{writer + '.py' if writer else 'that program'}, or train a new run without --resume")
-        # parse again over a namespace of markers: argparse then fills in no defaults, so what is
-        # still a marker was not on the command line
-        marker = object()
-        probe = self.parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), marker)))
-        given = {key for key, value in vars(probe).items() if value is not marker}
+        given = self._given(argv)
         saved = checkpoint["args"]
         for key in must_match:
             if key in given and getattr(args, key) != saved.get(key):
@@ -219,6 +223,13 @@ class Run:
             if key not in given and key not in PER_COMMAND and hasattr(args, key):
                 setattr(args, key, value)
         return checkpoint
+
+    def _given(self, argv):
+        """The settings given on the command line. Parsed again over a namespace of markers:
+        argparse then fills in no defaults, so what is still a marker was not given."""
+        marker = object()
+        probe = self.parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(self.args), marker)))
+        return {key for key, value in vars(probe).items() if value is not marker}
 
     def _check_outputs(self):
         """Refuse now, before any work, what would fail or destroy another run's files later."""

@@ -23,7 +23,9 @@ from ganlab import training
 import wgan
 
 SCRIPTS = {"dcgan": dcgan, "lsgan": lsgan, "wgan": wgan}
-TINY = ["--max-images", "64", "--batch-size", "16", "--ngf", "8", "--ndf", "8", "--log-every", "2",
+# --data: any name but "shapes" (the built-in set's own defaults): these tests check the scripts' paper
+# defaults; the loader below gives the built-in icons whatever the name
+TINY = ["--data", "icons", "--max-images", "64", "--batch-size", "16", "--ngf", "8", "--ndf", "8", "--log-every", "2",
         "--augment", "flip", "--diffaug", "color,translation,cutout"]  # the augmented path, not the defaults
 # wgan's default of 5 D steps per G step would need 80 images a step: use 2 in most tests
 EXTRA = {"dcgan": [], "lsgan": [], "wgan": ["--d-steps", "2"]}
@@ -37,11 +39,15 @@ def _cached_load(name, root, size):
     return _real_load_images(name, root=root, size=size, **few)
 
 
+def _icons(name):
+    return "shapes" if name == "icons" else name  # the built-in set under another name (TINY's --data)
+
+
 @pytest.fixture(autouse=True)
 def quick(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny networks: one thread is as fast, and steady on a busy machine
-    monkeypatch.setattr(data, "load_images", lambda name, root=None, size=None, **kw: _cached_load(name, root, size))
+    monkeypatch.setattr(data, "load_images", lambda name, root=None, size=None, **kw: _cached_load(_icons(name), root, size))
     yield
     torch.set_num_threads(threads)
 
@@ -76,7 +82,7 @@ def trained(tmp_path_factory):
     """One finished dcgan run (1 epoch = 4 steps) whose checkpoint the sampling tests reuse."""
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(data, "load_images", lambda name, root=None, size=None, **kw: _cached_load(name, root, size))
+        mp.setattr(data, "load_images", lambda name, root=None, size=None, **kw: _cached_load(_icons(name), root, size))
         return run("dcgan", tmp_path_factory.mktemp("trained"), "--epochs", 1)
 
 
@@ -332,7 +338,7 @@ def test_flags_reach_the_training_loop(tmp_path, monkeypatch):
                         lambda every, **k: seen.update(every=every) or outputs.CurveLog(every, **k))
     monkeypatch.setattr(data, "load_images",
                         lambda name, root=None, size=None, **kw: seen["load"].append(root)
-                        or _cached_load(name, None, size))
+                        or _cached_load(_icons(name), None, size))
     folder = run("dcgan", tmp_path, "--epochs", 1, "--augment", "flip,translate=0.1,scale=1.2,rotate=15",
                  "--diffaug", "translation", "--g-loss", "saturating", "--d-steps", 2, "--ema", 0,
                  "--lr-g", 1e-3, "--lr-d", 3e-4, "--seed", 3, "--device", "cpu", "--data-root", tmp_path,
@@ -381,7 +387,7 @@ def test_compile_trains_and_saves_plain_state_dicts(tmp_path, monkeypatch):
 def test_default_out_folder_is_under_out(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     wgan.main(["--max-images", "160", "--batch-size", "16", "--ngf", "8", "--ndf", "8", "--epochs", "1"])
-    assert ckpt(str(tmp_path / "out" / "wgan-shapes"))["step"] == 2  # 160 / (16 x 5 D steps)
+    assert ckpt(str(tmp_path / "out" / "wgan-shapes"))["step"] == 10  # 160 / 16: one D step (SHAPES_DEFAULTS)
 
 
 @pytest.mark.parametrize("argv,expected", [
@@ -441,3 +447,27 @@ def test_write_samples_accepts_float_batches_and_grey(tmp_path):
     assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)
     with pytest.raises(RuntimeError, match="ran out after 6 of 7"):
         outputs.write_samples(batches, 7, tmp_path / "t")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_built_in_set_takes_its_own_defaults_and_a_given_flag_wins(script, tmp_path, capsys):
+    module = SCRIPTS[script]
+    small = ["--max-images", "64", "--batch-size", "16", "--ngf", "8", "--ndf", "8", "--epochs", "1"]
+    module.main(small + ["--out", str(tmp_path / "shapes")])
+    settings = ckpt(str(tmp_path / "shapes"))["args"]
+    for key, value in module.SHAPES_DEFAULTS.items():
+        if key not in ("max_images", "batch_size", "ngf", "ndf", "epochs"):  # given above: those win
+            assert settings[key] == value, key
+    assert (settings["max_images"], settings["ngf"], settings["epochs"]) == (64, 8, 1)
+    # resumed, the run keeps its own settings; another data set has the paper's (the parser's) defaults
+    module.main(["--resume", str(tmp_path / "shapes" / "checkpoint.pt"), "--epochs", "2"])
+    assert ckpt(str(tmp_path / "shapes"))["args"]["ema"] == module.SHAPES_DEFAULTS["ema"]
+    module.main(small + ["--data", "icons", "--out", str(tmp_path / "other")] + EXTRA[script])
+    other = ckpt(str(tmp_path / "other"))["args"]
+    assert other["ema"] == module.parser.get_default("ema") != module.SHAPES_DEFAULTS["ema"]
+    assert other["augment"] == other["diffaug"] == "none"
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "with --data shapes (the built-in icons, the default) these defaults change: --max-images 5000" in help_text
+    assert "(default: None)" not in help_text
