@@ -4,7 +4,7 @@
     pip install -e '.[test]'           # the other dependencies (installs no torch of its own
                                        # when one is already there)
     python setup.py build_ext --inplace    # optional: build csrc/ now (-> _ganlab_C*.so);
-                                           # otherwise augment.py builds it on first use
+                                           # otherwise fused_op.py builds it on first use
 
 The model scripts (vae.py, dcgan.py, ...) and tools (tools/*.py) run from the checkout; the
 install makes the shared package (ganlab/) and the scripts importable from anywhere (the tools
@@ -24,7 +24,7 @@ if "build_ext" in sys.argv or os.environ.get("GANLAB_BUILD_EXT") == "1":
     import torch
 
     sources = ["csrc/augment.cpp"]
-    # at::parallel_for needs -fopenmp where torch uses OpenMP (see augment.py)
+    # at::parallel_for needs -fopenmp where torch uses OpenMP (see fused_op.py)
     openmp = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
     if torch.version.cuda is not None and CUDA_HOME is not None:
         sources += ["csrc/augment_cuda.cpp", "csrc/augment_kernels.cu"]

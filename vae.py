@@ -44,7 +44,7 @@ import torch.nn as nn
 
 from ganlab import flags
 from ganlab import training
-from ganlab.augment import random_affine, to_device, warp_batch
+from ganlab.fused_op import random_affine, to_device, warp_batch
 from ganlab.outputs import save_grid
 
 # -----------------------------------------------------------------------------
@@ -188,10 +188,9 @@ def reparameterize(mu, logvar, eps):
 # ELBO(x) = E_q(z|x)[log p(x|z)] - KL(q(z|x) || p(z))  <=  log p(x)
 # We minimize its negative. Both terms are SUMS over the dimensions of one image (pixels for the
 # first, latent units for the second), because the ELBO is a bound on the log density of the whole
-# image; averaging one of them over its dimensions instead silently reweights the two (the
-# confusion in pytorch/examples, whose BCE and KLD are also summed over the batch). Over the images
-# of a batch we take the MEAN, so the loss is "nats per image" whatever the batch size, and the
-# learning rate means the same thing for every --batch-size.
+# image; averaging one of them over its dimensions instead silently reweights the two (a common
+# slip). Over the images of a batch we take the MEAN, so the loss is "nats per image" whatever the
+# batch size, and the learning rate means the same thing for every --batch-size.
 #
 # Why a Gaussian whose scale s is fitted to the reconstruction error, for p(x|z): the pixels are
 # continuous values in [-1, 1] (Lanczos-resized, bilinearly augmented), not coin flips, so the
@@ -381,7 +380,7 @@ def main(argv=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     # resume: weights, optimizer moments, position in the data, random states, curves, the ELBO history
     position = (run.restore(model=model, optimizer=optimizer) if run.checkpoint else
-                dict(epoch=0, image=0, step=0, seconds=0.0, history=[]))
+                dict(epoch=0, batch=0, step=0, seconds=0.0, history=[]))
     step, seconds, history = position["step"], position["seconds"], position["history"]
 
     run.start(args.epochs * steps_per_epoch, step, B)  # progress bar; Ctrl-C -> checkpoint
@@ -390,12 +389,12 @@ def main(argv=None):
         # this epoch's order depends only on (seed, epoch): a resumed run sees the same batches
         order = train_index[torch.randperm(len(train_index), device=device,
                                            generator=torch.Generator(device).manual_seed(args.seed * 100_003 + epoch))]
-        first_batch = position["image"] // B if epoch == run.start_epoch else 0
+        first_batch = position["batch"] if epoch == run.start_epoch else 0
         epoch_start = step - first_batch
         for batch in range(first_batch, steps_per_epoch):
             # every random number is drawn for the whole batch; under torchrun each process keeps its share
             index = run.share(order[batch * B:(batch + 1) * B])  # valid by construction: no check
-            theta = run.share(random_affine(B, **run.augment, generator=run.augment_gen, device=device))
+            theta = run.share(random_affine(B, **run.affine_ranges, generator=run.augment_gen, device=device))
             eps = run.share(torch.randn(B, args.latent, device=device))
             # the augmented image is both the encoder's input and the reconstruction's target
             x = warp_batch(bank, index, theta, S, padding="reflection", check_index=False)
@@ -415,21 +414,21 @@ def main(argv=None):
             model.decoder.track_scale(torch.exp(2 * log_scale))
             step += 1
 
-            # every --log-every steps: fetch the losses (one transfer), show them, stop on a NaN
-            if run.log(step, epoch, neg_elbo=loss, recon=recon, kl=kl, scale=torch.exp(log_scale)):  # Ctrl-C
+            # the curves: kept on the device, fetched every --log-every steps (one transfer); a NaN stops
+            run.log(step, epoch, neg_elbo=loss, recon=recon, kl=kl, scale=torch.exp(log_scale))
+            if run.stop_requested(step):  # Ctrl-C or SIGTERM: a checkpoint to resume from, then stop
                 seconds += time.time() - started
-                run.save(dict(epoch=epoch, image=(batch + 1) * B, step=step, seconds=seconds, history=history),
+                run.save(dict(epoch=epoch, batch=batch + 1, step=step, seconds=seconds, history=history),
                          model=model, optimizer=optimizer)
-                return run.stopped(step)
+                run.stopped(step)
+                return None
         # end of an epoch: the training means over its steps, the held-out numbers, a checkpoint, figures
         seconds += time.time() - started
-        run.curves.flush()
-        rows = [row for s, row in zip(run.curves.steps, run.curves.rows) if s > epoch_start]
-        train_mean = dict(zip(run.curves.names, (sum(column) / len(column) for column in zip(*rows))))
+        train_mean = run.curves.means_after(epoch_start)  # the mean of each curve over this epoch's steps
         result = evaluate(model, bank, heldout_index, run.autocast)
         history.append(dict(epoch=epoch + 1, step=step, **{f"train_{k}": v for k, v in train_mean.items()},
                             **{f"heldout_{k}": v for k, v in result.items()}))
-        run.save(dict(epoch=epoch + 1, image=0, step=step, seconds=seconds, history=history),
+        run.save(dict(epoch=epoch + 1, batch=0, step=step, seconds=seconds, history=history),
                  model=model, optimizer=optimizer)
         if run.main:
             write_elbo_curve(history, args.out)
@@ -442,7 +441,7 @@ def main(argv=None):
 
     # the final numbers (and the figures, unless the last epoch has just drawn them); prior samples
     result = evaluate(model, bank, heldout_index, run.autocast)
-    if run.main and not run.training:
+    if run.main and not run.epochs_left:
         write_elbo_curve(history, args.out)
         write_figures(args.out, model, shown, fixed_z, run.autocast)
     sample_gen = torch.Generator().manual_seed(args.seed + 1)

@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from ganlab import flags
 from ganlab import training
-from ganlab.augment import diff_augment, random_affine, random_diffaug, warp_batch
+from ganlab.fused_op import diff_augment, random_affine, random_diffaug, warp_batch
 from ganlab.outputs import to_uint8
 
 # -----------------------------------------------------------------------------
@@ -59,7 +59,7 @@ group.add_argument("--clip", type=flags.positive_float, default=0.01,
                    help="without --gp: clip D's weights to [-clip, clip]")
 group.add_argument("--gp", type=flags.nonnegative_float, default=0.0,
                    help="weight of the gradient penalty (WGAN-GP; 10 in the paper); 0: weight clipping")
-group.add_argument("--diffaug", default="none",
+group.add_argument("--diffaug", type=flags.diffaug_policy, default="none",
                    help="DiffAugment of real and fake images in both updates, e.g. color,translation,cutout; or none")
 # and the flags every script shares: data, epochs, batch size, seed, device, output, resume
 training.add_run_flags(parser, epochs=25, batch_size=64)
@@ -76,12 +76,13 @@ SHAPES_DEFAULTS = dict(max_images=5000, epochs=24, batch_size=64, ngf=24, ndf=16
 
 def start_size(image_size):
     """G starts from a start x start map and doubles it until it is the image (D: the reverse).
-    Halving while the side is even and above 5 gives a start of 3, 4 or 5 pixels: 32 -> 4, 96 -> 3."""
+    Halving while the side is even and above 5: 32 -> 4, 64 -> 4, 96 -> 3, 28 -> 7. The start must
+    be 3 to 7 pixels after at least two halvings (as vae.py's sizes: 3 to 7 times a power of 2)."""
     start, doublings = image_size, 0
     while start % 2 == 0 and start > 5:
         start, doublings = start // 2, doublings + 1
-    if doublings < 2:
-        raise ValueError(f"--image-size {image_size}: give 3, 4 or 5 times a power of 2 of at least 4, "
+    if doublings < 2 or start > 7:
+        raise ValueError(f"--image-size {image_size}: give 3 to 7 times a power of 2 of at least 4, "
                          "such as 16, 24, 32, 48, 64 or 96")
     return start, doublings
 
@@ -188,31 +189,25 @@ def gradient_penalty(D, real, fake, e, autocast):
 
 
 def main(argv=None):
-    # the command line, checked before any work; the processes under torchrun; the device; the seed
+    # the command line, checked before any work (see training.Run: the checkpoint's settings on
+    # --resume, SHAPES_DEFAULTS for the built-in set, the device, the seed, torchrun's processes)
     run = training.Run(parser, argv, __file__, MUST_MATCH, curve_groups=[["loss_D", "loss_G"], ["D_x", "D_G_z"]],
                        shapes_defaults=SHAPES_DEFAULTS)
     args, device = run.args, run.device
     args.lr_g = args.lr_g if args.lr_g is not None else 1e-4 if args.gp else 5e-5
     args.lr_d = args.lr_d if args.lr_d is not None else 1e-4 if args.gp else 5e-5
-    try:
-        random_diffaug(1, 8, 8, "" if args.diffaug == "none" else args.diffaug)  # an unknown policy raises
-    except ValueError as error:
-        run.error(f"--diffaug: {error}")
 
-    # data: every image in one uint8 tensor (N, 3, S, S) on the device; a batch is a set of indices
-    # into it, and warp_batch reads them and applies each image's affine matrix theta (the flip,
-    # shift, zoom, rotation of --augment) in one fused pass. In plain PyTorch it is
-    #     x = bank[index].float() / 127.5 - 1
-    #     real = F.grid_sample(x, F.affine_grid(theta, x.shape), padding_mode="reflection")
-    bank = run.load_images() if run.training or args.image_size is None else None
+    # data: every image in one uint8 tensor bank (N, 3, S, S) on the device (none is needed to only
+    # sample a finished run); S is --image-size, or the data's own size when not given
+    bank = run.load_images() if run.epochs_left else None
     S = args.image_size
     images_per_step = args.batch_size * args.d_steps
     steps_per_epoch = len(bank) // images_per_step if bank is not None else 0
-    if run.training and steps_per_epoch == 0:
+    if run.epochs_left and steps_per_epoch == 0:
         run.error(f"--batch-size {args.batch_size} x --d-steps {args.d_steps} is more than the {len(bank)} images")
 
-    def augment(x):
-        """DiffAugment with fresh parameters, drawn for the whole batch; differentiable, so G
+    def diffaug(x):
+        """DiffAugment: colour, shift, cutout with fresh parameters for each image; differentiable, so G
         learns through it (augmenting only the reals would teach G the augmented images)."""
         if args.diffaug == "none":
             return x
@@ -240,30 +235,37 @@ def main(argv=None):
     else:
         opt_g = torch.optim.RMSprop(G.parameters(), lr=args.lr_g)
         opt_d = torch.optim.RMSprop(D.parameters(), lr=args.lr_d)
-    networks = dict(G=G, D=D, G_ema=G_ema if args.ema else None, opt_g=opt_g, opt_d=opt_d)
-    position = run.restore(**networks) if run.checkpoint else dict(epoch=0, batch=0, step=0)
+    # what a checkpoint holds besides the position; --resume loads each of them back, and the random states
+    state = dict(G=G, D=D, G_ema=G_ema if args.ema else None, opt_g=opt_g, opt_d=opt_d, fixed_z=fixed_z)
+    position = run.restore(**state) if run.checkpoint else dict(epoch=0, batch=0, step=0)
     step = position["step"]
 
-    run.start(args.epochs * steps_per_epoch, step, images_per_step)  # progress bar; Ctrl-C -> checkpoint
+    run.start(args.epochs * steps_per_epoch, step, images_per_step)  # the progress bar; Ctrl-C handling
     for epoch in range(run.start_epoch, args.epochs):
-        # this epoch's order depends only on (seed, epoch): a resumed run sees the same batches
+        # this epoch's order depends only on (seed, epoch), so a resumed run sees the same batches
+        # (100,003: a prime above any epoch count, so no two (seed, epoch) pairs share a generator seed)
         order = torch.randperm(len(bank), device=device,
                                generator=torch.Generator(device).manual_seed(args.seed * 100_003 + epoch))
         for batch in range(position["batch"] if epoch == run.start_epoch else 0, steps_per_epoch):
             # (1) update D: max E D(x) - E D(G(z)), i.e. min E D(G(z)) - E D(x), over Lipschitz D:
             #     + gp E (||grad D(x^)|| - 1)^2, or clip the weights after the step
             for k in range(args.d_steps):
+                # a batch of reals: images of the bank, each through its own random affine matrix theta
+                # (--augment's flip, shift, zoom, rotation), in one fused pass. In plain PyTorch:
+                #     x = bank[index].float() / 127.5 - 1
+                #     real = F.grid_sample(x, F.affine_grid(theta, x.shape), padding_mode="reflection")
+                # run.share keeps this process's part of a batch drawn whole (one process: all of it)
                 first = (batch * args.d_steps + k) * args.batch_size
-                index = run.share(order[first:first + args.batch_size])  # this process's images
-                theta = run.share(random_affine(args.batch_size, **run.augment, generator=run.augment_gen,
+                index = run.share(order[first:first + args.batch_size])
+                theta = run.share(random_affine(args.batch_size, **run.affine_ranges, generator=run.augment_gen,
                                                 device=device))
                 real = warp_batch(bank, index, theta, S, padding="reflection", dtype=run.image_dtype,
                                   check_index=False)  # indices from randperm are valid: no check, no sync
                 z = run.share(torch.randn(args.batch_size, args.nz, 1, 1, device=device))
-                with run.autocast:
+                with run.autocast:  # bf16 on a GPU, nothing on the CPU
                     with torch.no_grad():
                         fake = G_train(z)  # the D step does not train G: no graph through G
-                    real, fake = augment(real), augment(fake)
+                    real, fake = diffaug(real), diffaug(fake)
                     d_real, d_fake = D_train(real), D_train(fake)
                     loss_d = d_loss(d_real, d_fake)
                 if args.gp:
@@ -279,7 +281,7 @@ def main(argv=None):
             #     gradient does not vanish where the fakes are far from the reals
             z = run.share(torch.randn(args.batch_size, args.nz, 1, 1, device=device))
             with run.autocast:
-                d_gen = D_train(augment(G_train(z)))
+                d_gen = D_train(diffaug(G_train(z)))
                 loss_g = g_loss(d_gen)
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
@@ -288,19 +290,21 @@ def main(argv=None):
                 training.ema_update(G_ema, G, args.ema, step)
             step += 1
 
-            # every --log-every steps: fetch the losses (one transfer), show them, stop on a NaN
-            if run.log(step, epoch, loss_D=loss_d, loss_G=loss_g, D_x=d_real.float().mean(),
-                       D_G_z=d_fake.float().mean()):  # True after Ctrl-C
-                run.save(dict(epoch=epoch, batch=batch + 1, step=step), fixed_z=fixed_z, **networks)
-                return run.stopped(step)
-        run.save(dict(epoch=epoch + 1, batch=0, step=step), fixed_z=fixed_z, **networks)
+            # the curves: kept on the device, fetched every --log-every steps (one transfer); a NaN stops
+            run.log(step, epoch, loss_D=loss_d, loss_G=loss_g, D_x=d_real.float().mean(),
+                    D_G_z=d_fake.float().mean())
+            if run.stop_requested(step):  # Ctrl-C or SIGTERM: a checkpoint to resume from, then stop
+                run.save(dict(epoch=epoch, batch=batch + 1, step=step), **state)
+                run.stopped(step)
+                return
+        run.save(dict(epoch=epoch + 1, batch=0, step=step), **state)  # checkpoint.pt, curves.csv/png
         with torch.no_grad():
-            run.save_grid(G_ema(fixed_z), epoch + 1, step)
+            run.save_grid(G_ema(fixed_z), epoch + 1, step)  # grid.png, and grids/ keeps every epoch's
         run.write(f"epoch {epoch + 1}/{args.epochs}: step {step}, {args.out}/grid.png, {run.ckpt_path}")
     run.finish()
 
     # samples from the averaged G, in fp32 (bf16 keeps 8 bits of mantissa: a grey level of error)
-    if not run.training:  # sampling a finished run (maybe into a new --out): its grid too
+    if not run.epochs_left:  # sampling a finished run (maybe into a new --out): its grid too
         with torch.no_grad():
             run.save_grid(G_ema(fixed_z))
     sample_gen = torch.Generator().manual_seed(args.seed + 1)

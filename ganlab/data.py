@@ -9,8 +9,8 @@
 
     python -m ganlab.data --data anime --image-size 64   # decode once, fill the cache, print time and memory
 
-Where data is looked for: `root` (the scripts' --data-root), else $GANLAB_DATA, else data/ beside
-this file; 'lld' and 'anime' are the folders root/lld and root/anime. In a folder the order of
+Where data is looked for: `root` (the scripts' --data-root), else $GANLAB_DATA, else data/ in the
+checkout; 'lld' and 'anime' are the folders root/lld and root/anime. In a folder the order of
 preference is: an .hdf5 file (LLD-icon.hdf5 first), else its .pkl files, else its images
 (recursively; LLD's PNG folders LLD_favicons_full_png, then _clean_png), else its largest .zip.
 

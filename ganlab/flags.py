@@ -8,6 +8,7 @@ usage error, "argument --batch-size: must be a whole number >= 1, got '0'" (exit
     decay                                  a moving-average decay: 0 (off) <= d < 1
     seed                                   0 <= seed < 2**64, the range torch.manual_seed takes
     device                                 auto, cpu, cuda, cuda:N, ... (checked by resolve_device)
+    diffaug_policy                         none, or some of color,translation,cutout
 
 HelpFormatter is the scripts' --help: each flag's default, none where a flag has none. Then
 checks of paths a run will write, made before the run rather than after it:
@@ -36,6 +37,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None:
             return action.help
         return super()._get_help_string(action)
+
+
+def diffaug_policy(text):
+    """--diffaug: 'none', or a comma-separated subset of color, translation, cutout -> that text."""
+    chosen = {part.strip() for part in text.split(",")} - {""}
+    unknown = chosen - {"color", "translation", "cutout", "none"}
+    if unknown or not chosen or ("none" in chosen and len(chosen) > 1):
+        raise argparse.ArgumentTypeError(f"give none, or some of color,translation,cutout, got {text!r}")
+    return text
 
 
 def _number(text, kind):

@@ -268,6 +268,12 @@ class CurveLog:
         self._pending.append(row)  # stays on the device until flush
         return self.flush() if len(self._pending) >= self.every else None
 
+    def means_after(self, step):
+        """{name: the mean of its values at the steps after `step`} (what is pending is fetched first)."""
+        self.flush()
+        rows = [row for s, row in zip(self.steps, self.rows) if s > step]
+        return dict(zip(self.names, (sum(column) / len(column) for column in zip(*rows))))
+
     def flush(self):
         """Fetch what is pending (one host sync); return its means per name, or None if nothing."""
         if not self._pending:

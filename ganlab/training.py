@@ -11,9 +11,10 @@ updates) and call this module in one line where something of the machinery happe
     run.wrap(module)                 torch.compile (--compile) and DistributedDataParallel (torchrun)
     run.share(x)                     this process's part of a batch that every process drew whole
     run.restore(...) / run.save(...) checkpoints: exact resume (weights, optimizers, random states)
-    run.log(step, loss=...)          curves, progress bar; True when the run must stop (Ctrl-C)
+    run.log(step, loss=...)          curves and progress bar, every --log-every steps; NaN stop
+    run.stop_requested(step)         True after Ctrl-C or SIGTERM: save and stop
     ema_update(G_ema, G, decay)      the moving average of G's weights that samples come from
-    parse_augment(spec)              --augment's value -> augment.random_affine's arguments
+    parse_augment(spec)              --augment's value -> fused_op.random_affine's arguments
 
 Several processes (torchrun, DistributedDataParallel): every process draws the same random
 numbers for the whole --batch-size and keeps its share (run.share), so one process is exactly a
@@ -45,7 +46,8 @@ def add_run_flags(parser, epochs, batch_size, augment="none", what_samples="G's 
     """The flags shared by the four scripts, in three groups: data, run, output."""
     group = parser.add_argument_group("data")
     group.add_argument("--data", default="shapes", help="shapes (built in), lld, anime, or a folder/file of images")
-    group.add_argument("--data-root", default=None, help="folder that holds the datasets; if not given: data.py's")
+    group.add_argument("--data-root", default=None, help="folder that holds the datasets (lld/, anime/); "
+                       "if not given: $GANLAB_DATA, else data/ in the checkout")
     group.add_argument("--image-size", type=flags.positive_int, default=None,
                        help="side of the images in pixels; if not given: the checkpoint's, or 32 for shapes and lld, "
                             "64 for anime, a folder's, zip's, .hdf5's or .pkl's own")
@@ -82,7 +84,7 @@ def add_run_flags(parser, epochs, batch_size, augment="none", what_samples="G's 
 
 
 def parse_augment(spec):
-    """'flip,translate=0.1' -> keyword arguments of augment.random_affine; 'none' -> the identity."""
+    """'flip,translate=0.1' -> keyword arguments of fused_op.random_affine; 'none' -> the identity."""
     defaults = {"flip": 0.5, "translate": 0.125, "scale": 1.25, "rotate": 10.0}
     ranges = {"flip": (0, 1, "a probability from 0 to 1"), "translate": (0, 1, "a fraction from 0 to 1"),
               "scale": (1, 4, "a zoom from 1 to 4"), "rotate": (0, 180, "degrees from 0 to 180")}
@@ -148,7 +150,7 @@ class Run:
         if args.zip is not None and not args.sample:
             self.error("--zip NAME needs --sample N")
         try:
-            self.augment = parse_augment(args.augment)
+            self.affine_ranges = parse_augment(args.augment)  # random_affine's arguments
         except ValueError as error:
             self.error(str(error))
 
@@ -181,7 +183,7 @@ class Run:
             self.error("--sync-batchnorm needs torchrun with several processes on CUDA GPUs "
                        "(PyTorch's SyncBatchNorm has no CPU version)")
         self.start_epoch = self.checkpoint["epoch"] if self.checkpoint else 0
-        self.training = self.start_epoch < args.epochs
+        self.epochs_left = max(0, args.epochs - self.start_epoch)  # 0: only sample a finished run
 
         torch.manual_seed(args.seed)  # the same seed in every process: the same random numbers
         # bf16 autocast on the GPU (float32's range, so no loss scaling, unlike fp16); fp32 on the CPU
@@ -295,7 +297,7 @@ class Run:
 
     def share(self, batch):
         """This process's part of a batch drawn whole (B, ...) -> (B / processes, ...); a tuple of
-        such batches (augment.DiffAugParams) part by part. One process: the batch itself."""
+        such batches (fused_op.DiffAugParams) part by part. One process: the batch itself."""
         if self.world == 1:
             return batch
         if isinstance(batch, tuple):
@@ -410,7 +412,7 @@ class Run:
         """Before the first step: the progress bar, and Ctrl-C (or SIGTERM) -> stop after this step."""
         self._images_per_step = images_per_step
         self._bar = tqdm(total=total_steps * images_per_step, initial=done_steps * images_per_step, unit="img",
-                         unit_scale=True, dynamic_ncols=True, disable=not (self.main and self.training))
+                         unit_scale=True, dynamic_ncols=True, disable=not (self.main and self.epochs_left))
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._handlers[sig] = signal.signal(sig, self._request_stop)
 
@@ -429,17 +431,20 @@ class Run:
 
     def log(self, step, epoch, **values):
         """Record this step's losses (0-dim tensors, left on the device); every --log-every steps
-        fetch them (averaged over the processes), update the progress bar and stop on a NaN.
-        Returns True when the run must stop now: after Ctrl-C; under torchrun every process
-        decides at the same --log-every step."""
+        fetch them (averaged over the processes), update the progress bar and stop on a NaN."""
         shown = self.curves.append(step, **values)
+        self._last_step = step
         if shown:
             self._stop_if_nonfinite()
             self._bar.update(step * self._images_per_step - self._bar.n)
             self._bar.set_postfix_str(f"epoch {epoch + 1} " + " ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+
+    def stop_requested(self, step):
+        """True when the run must stop after this step: Ctrl-C or SIGTERM came. Under torchrun every
+        process decides at the same --log-every step (one all_reduce there, nothing in between)."""
         if self.world == 1:
             return bool(self._stop)
-        if not shown:
+        if step % self.args.log_every:
             return False
         stop = torch.tensor([float(bool(self._stop))], device=self.device)
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
@@ -466,6 +471,8 @@ class Run:
     def finish(self):
         """Close the progress bar, give the signal handlers back, leave the process group."""
         if self._bar is not None:
+            if getattr(self, "_last_step", None) is not None:  # steps after the last --log-every one
+                self._bar.update(self._last_step * self._images_per_step - self._bar.n)
             self._bar.close()
         for sig, handler in self._handlers.items():
             signal.signal(sig, handler)

@@ -14,7 +14,7 @@ torch JIT-builds it anyway):
     python tests/compile_cuda_headers.py --fetch-only       # only fetch the headers (CI does this before pytest)
 
 Prints one line per file and version ("ok" or the compiler's last lines) and exits 1 if any
-failed. tests/test_augment.py runs the same checks (test_sources_compile_against_torch).
+failed. tests/test_fused_op.py runs the same checks (test_sources_compile_against_torch).
 
 Where the old headers come from: PyPI's Linux wheel of torch 2.4.0 is the CUDA build (about
 800 MB; there is no CPU-only wheel on PyPI for that version). `pip download --no-deps` fetches

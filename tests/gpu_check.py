@@ -12,7 +12,7 @@ so), and a step that fails or runs out of time never stops the later ones:
   environment      GPU, driver, torch, torch's CUDA, nvcc, compute-sanitizer, CPU cores
   flags            the flags the later steps pass still exist in dcgan.py and bench.py
   build            csrc/ JIT-built from an empty extension cache; which kernels loaded
-  cuda-tests       pytest tests/test_augment.py -k test_cuda_ (a skip counts as a failure)
+  cuda-tests       pytest tests/test_fused_op.py -k test_cuda_ (a skip counts as a failure)
   memcheck         compute-sanitizer --tool memcheck over the op's CUDA tests, with PyTorch's
                    caching allocator off (an overrun inside a cached block is otherwise unseen)
   racecheck        compute-sanitizer --tool racecheck over the DiffAugment tests (shared-memory
@@ -206,12 +206,12 @@ if prebuilt:
 start = time.monotonic()
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    from ganlab import augment
-    loaded = augment.load_extension()
+    from ganlab import fused_op
+    loaded = fused_op.load_extension()
 seconds = time.monotonic() - start
 for w in caught:
     print(f"warning: {w.message}")
-devices = sorted(augment._state["kernel_devices"])
+devices = sorted(fused_op._state["kernel_devices"])
 arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or (
     "sm_%d%d (this GPU)" % torch.cuda.get_device_capability() if torch.cuda.is_available() else "no GPU")
 print(f"build: {seconds:.0f} s from an empty cache ({os.environ['TORCH_EXTENSIONS_DIR']}), for {arch}")
@@ -320,7 +320,7 @@ def sanitizer_path():
 def make_steps(args, context):
     python = sys.executable
     work = context["work"]
-    pytest = [python, "-m", "pytest", "tests/test_augment.py", "-q", "-rs", "-p", "no:cacheprovider"]
+    pytest = [python, "-m", "pytest", "tests/test_fused_op.py", "-q", "-rs", "-p", "no:cacheprovider"]
     sanitizer = context.get("sanitizer") or "compute-sanitizer"
     # PyTorch's caching allocator hands out pieces of big blocks: an overrun into the next
     # piece is not outside an allocation, so memcheck would not see it. Off, every tensor is

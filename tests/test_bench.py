@@ -33,7 +33,8 @@ def test_train_and_inception_sections():
 
 
 def test_unknown_section_is_an_error():
-    result = subprocess.run([sys.executable, "tools/bench.py", "--only", "nope"], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "tools/bench.py", "--only", "nope"], cwd=REPO, capture_output=True,
+                            text=True)
     assert result.returncode == 2 and "--only: unknown 'nope'" in result.stderr
 
 

@@ -14,7 +14,8 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["dcgan", "lsgan", "wgan", "vae", "vae_sweep", "modes", "swd", "inception_score", "bench"]
-PATHS = {name: f"tools/{name}.py" if name in ("vae_sweep", "modes", "swd", "bench") else f"{name}.py" for name in SCRIPTS}
+TOOLS = ["vae_sweep", "modes", "swd", "bench"]  # in tools/; the others at the top level
+PATHS = {name: f"tools/{name}.py" if name in TOOLS else f"{name}.py" for name in SCRIPTS}
 
 
 def commands(text):

@@ -47,7 +47,8 @@ def _icons(name):
 def quick(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny networks: one thread is as fast, and steady on a busy machine
-    monkeypatch.setattr(data, "load_images", lambda name, root=None, size=None, **kw: _cached_load(_icons(name), root, size))
+    monkeypatch.setattr(data, "load_images",
+                        lambda name, root=None, size=None, **kw: _cached_load(_icons(name), root, size))
     yield
     torch.set_num_threads(threads)
 
@@ -395,8 +396,9 @@ def test_default_out_folder_is_under_out(tmp_path, monkeypatch):
     (["--augment", "wobble"], "--augment: unknown 'wobble'"),
     (["--diffaug", "sparkle"], "sparkle"),
     (["--zip", "x"], "--zip NAME needs --sample N"),
-    (["--image-size", 30], "--image-size 30: give 3, 4 or 5 times a power of 2"),
-    (["--image-size", 8], "--image-size 8: give 3, 4 or 5 times a power of 2 of at least 4"),
+    (["--image-size", 30], "--image-size 30: give 3 to 7 times a power of 2"),
+    (["--image-size", 8], "--image-size 8: give 3 to 7 times a power of 2 of at least 4"),
+    (["--image-size", 36], "--image-size 36: give 3 to 7 times a power of 2"),  # 9 x 4: vae.py refuses it too
     (["--batch-size", 100], "more than the 64 images"),
     pytest.param(["--device", "cuda"], "no CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),

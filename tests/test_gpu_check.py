@@ -81,7 +81,7 @@ def test_failing_and_hanging_steps_do_not_stop_the_others(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("output,returncode,verdict", [
     ("....\n5 passed in 3.21s\n", 0, "passed"),
-    ("SKIPPED [1] tests/test_augment.py:9: needs a CUDA GPU\n4 passed, 1 skipped in 2.00s\n", 0, "failed"),
+    ("SKIPPED [1] tests/test_fused_op.py:9: needs a CUDA GPU\n4 passed, 1 skipped in 2.00s\n", 0, "failed"),
     ("F...\n1 failed, 4 passed in 2.00s\n", 1, "failed"),
 ])
 def test_pytest_verdict(output, returncode, verdict):

@@ -56,7 +56,7 @@ GAN_FLAGS = ["--epochs", "50", "--batch-size", "32", "--ngf", "32", "--ndf", "16
              "--augment", "none", "--diffaug", "none", "--log-every", "50", "--device", "cpu", "--sample", "256"]
 CASES = {"dcgan": (dcgan, ["--lr-g", "2e-3", "--lr-d", "2e-3"]),
          "lsgan": (lsgan, ["--lr-g", "2e-3", "--lr-d", "2e-3"]),
-         "wgan-gp": (wgan, ["--gp", "10", "--d-steps", "1", "--lr-g", "1e-3", "--lr-d", "1e-3"])}
+         "wgan-gp": (wgan, ["--gp", "10", "--d-steps", "1", "--lr-g", "2e-3", "--lr-d", "2e-3"])}
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -246,7 +246,7 @@ def test_tiny_run_writes_every_output(tmp_path, capsys):
 def test_checkpoint_holds_the_run(tmp_path):
     run(tmp_path, "--epochs", 1, "--lr", "0.002")
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert {"model", "optimizer", "step", "epoch", "image", "args", "rng", "history", "curves"} <= set(state)
+    assert {"model", "optimizer", "step", "epoch", "batch", "args", "rng", "history", "curves"} <= set(state)
     assert state["script"] == "vae"
     assert not any(k.startswith("_orig_mod.") for k in state["model"])
     assert state["epoch"] == 1 and state["step"] == 5 and state["args"]["latent"] == 8
@@ -283,7 +283,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path, monkeyp
     assert run(tmp_path, "--epochs", 2, name="split") is None  # stopped cleanly, no exception
     monkeypatch.setattr(vae, "warp_batch", real)
     state = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
-    assert (state["epoch"], state["step"], state["image"]) == (0, 3, 48)
+    assert (state["epoch"], state["step"], state["batch"]) == (0, 3, 3)
     assert signal.getsignal(signal.SIGINT) is handler  # the handler is given back
     vae.main(["--resume", str(tmp_path / "split" / "checkpoint.pt")])
     assert same_weights(weights(tmp_path / "straight" / "checkpoint.pt"), weights(tmp_path / "split" / "checkpoint.pt"))

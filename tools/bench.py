@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from ganlab import augment
+from ganlab import fused_op
 from ganlab import data
 import dcgan
 from ganlab import flags
@@ -183,14 +183,14 @@ def bench_op(args, device):
         bank = torch.randint(0, 256, (n, 3, in_size, in_size), dtype=torch.uint8, generator=g)
         bank_dev = bank.to(device)
         index = torch.randint(0, n, (B,), generator=g).to(device)
-        theta = augment.random_affine(B, flip=0.5, translate=0.1, scale=(0.9, 1.1), rotate=10, generator=g).to(device)
+        theta = fused_op.random_affine(B, flip=0.5, translate=0.1, scale=(0.9, 1.1), rotate=10, generator=g).to(device)
 
         # alternating rounds, median: a drift in the machine's load biases neither
-        fused_op = lambda: augment.warp_batch(bank_dev, index, theta, out_size, check_index=False)
-        pipelines = {"fused": fused_op,
-                     "chain": lambda: augment.warp_batch_reference(bank_dev, index, theta, out_size)}
+        fused = lambda: fused_op.warp_batch(bank_dev, index, theta, out_size, check_index=False)  # noqa: E731
+        pipelines = {"fused": fused,
+                     "chain": lambda: fused_op.warp_batch_reference(bank_dev, index, theta, out_size)}
         if device.type == "cpu":  # the op's plain loop, as CPUs without AVX2 run it
-            pipelines["scalar"] = without_cpu_simd(fused_op)
+            pipelines["scalar"] = without_cpu_simd(fused)
         rates = measure_alternating(pipelines, device, 2 * args.seconds, args.rounds)
         fused, chain = rates["fused"] * B, rates["chain"] * B
 
@@ -223,10 +223,10 @@ def bench_op(args, device):
     # DiffAugment on a generated batch, forward + backward
     for size in (32, 64):
         x = torch.randn(B, 3, size, size, device=device, requires_grad=True)
-        p = augment.random_diffaug(B, size, size, generator=g, device=device)
+        p = fused_op.random_diffaug(B, size, size, generator=g, device=device)
         rates = measure_alternating({
-            "fused": lambda: augment.diff_augment(x, p).sum().backward(),
-            "chain": lambda: augment.diff_augment_reference(x, p).sum().backward()},
+            "fused": lambda: fused_op.diff_augment(x, p).sum().backward(),
+            "chain": lambda: fused_op.diff_augment_reference(x, p).sum().backward()},
             device, 2 * args.seconds, args.rounds)
         fused, chain = rates["fused"] * B, rates["chain"] * B
         rows.append((f"DiffAugment {size}x{size} fwd+bwd fused", f"{fused:,.0f}", f"{fused / chain:.1f}x", ""))
@@ -277,7 +277,7 @@ def make_step(size, device, compile_models):
     bce = dcgan.bce
 
     def diffaug(x):
-        return augment.diff_augment(x, augment.random_diffaug(len(x), size, size, generator=gen, device=device))
+        return fused_op.diff_augment(x, fused_op.random_diffaug(len(x), size, size, generator=gen, device=device))
 
     def step(real):
         B = len(real)
@@ -343,8 +343,8 @@ def bench_train(args, device):
                 position["order"], position["i"] = torch.randperm(len(bank_dev), device=device), 0
             index = position["order"][position["i"] * B: (position["i"] + 1) * B]
             position["i"] += 1
-            theta = augment.random_affine(B, flip=0.5, generator=gen, device=device)
-            return augment.warp_batch(bank_dev, index, theta, S, padding="reflection", dtype=image_dtype,
+            theta = fused_op.random_affine(B, flip=0.5, generator=gen, device=device)
+            return fused_op.warp_batch(bank_dev, index, theta, S, padding="reflection", dtype=image_dtype,
                                       check_index=False)
 
         loader = torch.utils.data.DataLoader(EncodedImages(encoded, S), batch_size=B, shuffle=True, drop_last=True,
@@ -754,7 +754,7 @@ def check_fits(what, need):
 def main():
     args = parser.parse_args()
     device = check_args(args)
-    print(f"extension: {'C++/CUDA' if augment.load_extension() else 'reference fallback'}")
+    print(f"extension: {'C++/CUDA' if fused_op.load_extension() else 'reference fallback'}")
     sections = {"op": bench_op, "train": bench_train, "inception": bench_inception, "fid": bench_fid}
     for name in args.only.split(","):
         sections[name](args, device)

@@ -10,7 +10,7 @@ is trained on the built-in set's own labels (seconds on a CPU) and cached.
 
 The last line printed is
 
-    modes: recognised 100.0%, covered 36/36, KL 0.011  (2000 images)       # python tools/modes.py shapes --max-images 2000
+    modes: recognised 100.0%, covered 36/36, KL 0.011  (2000 images)   # python tools/modes.py shapes --max-images 2000
 
 The Stacked MNIST measure of the GAN literature (Metz et al. 2017; Srivastava et al. 2017,
 VEEGAN; Lin et al. 2018, PacGAN), on the built-in icons. Every icon is one of 4 shapes x 3 mark

@@ -70,8 +70,15 @@ def _build_and_load():
         sources = [os.path.join(csrc, "augment.cpp")]
         if with_cuda:
             sources += [os.path.join(csrc, "augment_cuda.cpp"), os.path.join(csrc, "augment_kernels.cu")]
+        name = "ganlab_ops_cuda" if with_cuda else "ganlab_ops"
+        cache = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+        built = [path for folder in (cache, os.path.join(cache, "*"))  # torch adds a py311_cpu/ level
+                 for path in glob.glob(os.path.join(folder, name, name + ".*"))]
+        if not built:  # the first build: say why nothing moves for a while
+            print(f"fused_op: building the C++{'/CUDA' if with_cuda else ''} extension once "
+                  f"(about {'2 min' if with_cuda else '30 s'}; cached in {cache})", file=sys.stderr, flush=True)
         cpp_extension.load(
-            name="ganlab_ops_cuda" if with_cuda else "ganlab_ops",
+            name=name,
             sources=sources,
             extra_cflags=["-O3"] + openmp,
             extra_ldflags=openmp,
@@ -200,7 +207,7 @@ def load_extension():
             _register_python_side()
         except Exception as error:  # no compiler, failed build, ...: still usable
             warnings.warn(
-                f"augment: could not build the C++/CUDA extension ({type(error).__name__}: "
+                f"fused_op: could not build the C++/CUDA extension ({type(error).__name__}: "
                 f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); using the "
                 "pure-PyTorch reference instead (correct, slower). Set GANLAB_VERBOSE_BUILD=1 "
                 "to see the build log.",
@@ -213,7 +220,7 @@ def load_extension():
             device for device, key in [("cpu", "CPU"), ("cuda", "CUDA")]
             if torch._C._dispatch_has_kernel_for_dispatch_key("ganlab::warp_batch", key))
         if "cuda" not in _state["kernel_devices"] and torch.cuda.is_available():
-            warnings.warn(f"augment: CUDA tensors use the pure-PyTorch reference (correct, slower): the CUDA "
+            warnings.warn(f"fused_op: CUDA tensors use the pure-PyTorch reference (correct, slower): the CUDA "
                           f"kernels {missing_cuda or 'are missing from the loaded extension'}", stacklevel=3)
     return _state["loaded"]
 

@@ -1,4 +1,4 @@
-"""Tests of the fused augmentation op (csrc/, augment.py) against oracles written elsewhere:
+"""Tests of the fused augmentation op (csrc/, fused_op.py) against oracles written elsewhere:
 F.affine_grid + F.grid_sample for the warp, torch.flip for orientation, DiffAugment's
 published formulas, torch.autograd.gradcheck and torch.library.opcheck."""
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ganlab import augment
+from ganlab import fused_op
 import compile_cuda_headers
-from ganlab.augment import DiffAugParams
+from ganlab.fused_op import DiffAugParams
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.cuda.is_available()
@@ -25,14 +25,14 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 @pytest.fixture(scope="module", autouse=True)
 def extension():
-    assert augment.load_extension(), "the C++ extension failed to build"
+    assert fused_op.load_extension(), "the C++ extension failed to build"
 
 
 def random_inputs(n, size, batch, seed, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     bank = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
     index = torch.randint(0, n, (batch,), generator=g)
-    theta = augment.random_affine(batch, flip=0.5, translate=0.2, scale=(0.7, 1.4), rotate=30, generator=g)
+    theta = fused_op.random_affine(batch, flip=0.5, translate=0.2, scale=(0.7, 1.4), rotate=30, generator=g)
     return bank.to(device), index.to(device), theta.to(device)
 
 
@@ -44,7 +44,7 @@ def random_inputs(n, size, batch, seed, device="cpu"):
 def test_warp_equals_grid_sample(in_size, out_size, padding, dtype):
     bank, index, theta = random_inputs(7, in_size, 12, seed=in_size + out_size)
     fused = torch.ops.ganlab.warp_batch(bank, index, theta, out_size, out_size,
-                                        augment.PADDING_MODES[padding], dtype)
+                                        fused_op.PADDING_MODES[padding], dtype)
     assert fused.dtype == dtype and fused.shape == (12, 3, out_size, out_size)
     images = bank[index].float()
     grid = F.affine_grid(theta, [12, 3, out_size, out_size], align_corners=False)
@@ -71,7 +71,7 @@ def test_warp_cpu_vector_and_scalar_loops(padding, dtype, monkeypatch):
     g = torch.Generator().manual_seed(11)
     bank = torch.randint(0, 256, (4, 3, 21, 30), dtype=torch.uint8, generator=g)
     index = torch.tensor([3, 0, 1, 2, 3, 1])
-    theta = augment.random_affine(6, flip=0.5, translate=0.3, scale=(0.5, 1.5), rotate=40, generator=g)
+    theta = fused_op.random_affine(6, flip=0.5, translate=0.3, scale=(0.5, 1.5), rotate=40, generator=g)
     images = bank[index].float()
     grid = F.affine_grid(theta, [6, 3, 19, 29], align_corners=False)
     oracle = F.grid_sample(images, grid, mode="bilinear", padding_mode=padding, align_corners=False) / 127.5 - 1
@@ -79,7 +79,7 @@ def test_warp_cpu_vector_and_scalar_loops(padding, dtype, monkeypatch):
     for setting in ["1", "0"]:
         monkeypatch.setenv("GANLAB_CPU_SIMD", setting)
         outputs[setting] = torch.ops.ganlab.warp_batch(bank, index, theta, 19, 29,
-                                                       augment.PADDING_MODES[padding], dtype).float()
+                                                       fused_op.PADDING_MODES[padding], dtype).float()
         torch.testing.assert_close(outputs[setting], oracle, atol=TOLERANCE[dtype], rtol=0)
     if cpu_has_avx2() and dtype == torch.float32:
         # the vector loop rounds differently (fused multiply-adds): proof that it ran
@@ -90,7 +90,7 @@ GUARD_PAGE_SCRIPT = r"""
 import ctypes, mmap, sys
 import numpy as np, torch
 sys.path.insert(0, sys.argv[1])
-from ganlab import augment
+from ganlab import fused_op
 # a bank whose last byte is the last byte before a page the process may not touch
 page = mmap.PAGESIZE
 shape = (3, 3, 13, 13)
@@ -107,10 +107,10 @@ bank = torch.from_numpy(array)
 bank.copy_(torch.randint(0, 256, shape, dtype=torch.uint8))
 # the last image, zoomed so its taps reach the bottom-right pixel, in every padding mode
 index = torch.tensor([2, 1, 2, 0] * 4)
-theta = augment.random_affine(16, flip=0.5, translate=0.4, scale=(0.6, 1.2), rotate=20)
+theta = fused_op.random_affine(16, flip=0.5, translate=0.4, scale=(0.6, 1.2), rotate=20)
 for padding in ["zeros", "border", "reflection"]:
-    out = augment.warp_batch(bank, index, theta, 16, padding)
-    ref = augment.warp_batch_reference(bank, index, theta, 16, padding)
+    out = fused_op.warp_batch(bank, index, theta, 16, padding)
+    ref = fused_op.warp_batch_reference(bank, index, theta, 16, padding)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 print("ok")
 """
@@ -130,8 +130,8 @@ def test_warp_far_outside_the_image(padding):
     g = torch.Generator().manual_seed(5)
     bank = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=g)
     theta = torch.tensor([[[3.7, 0.2, 2.9], [0.1, -4.2, -3.3]], [[-4.0, 0.0, -7.5], [0.0, 4.0, 6.25]]])
-    fused = augment.warp_batch(bank, torch.tensor([0, 1]), theta, 24, padding)
-    oracle = augment.warp_batch_reference(bank, torch.tensor([0, 1]), theta, 24, padding)
+    fused = fused_op.warp_batch(bank, torch.tensor([0, 1]), theta, 24, padding)
+    oracle = fused_op.warp_batch_reference(bank, torch.tensor([0, 1]), theta, 24, padding)
     torch.testing.assert_close(fused, oracle, atol=2e-3, rtol=0)
 
 
@@ -139,9 +139,9 @@ def test_warp_non_square_output_and_input():
     g = torch.Generator().manual_seed(3)
     bank = torch.randint(0, 256, (3, 3, 20, 36), dtype=torch.uint8, generator=g)
     index = torch.tensor([2, 0, 1, 2])
-    theta = augment.random_affine(4, translate=0.1, rotate=10, generator=g)
-    fused = augment.warp_batch(bank, index, theta, (24, 16), "reflection")
-    oracle = augment.warp_batch_reference(bank, index, theta, (24, 16), "reflection")
+    theta = fused_op.random_affine(4, translate=0.1, rotate=10, generator=g)
+    fused = fused_op.warp_batch(bank, index, theta, (24, 16), "reflection")
+    oracle = fused_op.warp_batch_reference(bank, index, theta, (24, 16), "reflection")
     torch.testing.assert_close(fused, oracle, atol=1e-4, rtol=0)
 
 
@@ -150,19 +150,19 @@ def test_identity_and_flip_keep_orientation():
     bank = torch.arange(2 * 3 * 8 * 8).reshape(2, 3, 8, 8).mul(3).remainder(256).to(torch.uint8)
     index = torch.tensor([1, 0])
     identity = torch.tensor([[1.0, 0, 0], [0, 1, 0]]).repeat(2, 1, 1)
-    out = augment.warp_batch(bank, index, identity, 8)
+    out = fused_op.warp_batch(bank, index, identity, 8)
     torch.testing.assert_close(out, bank[index].float() / 127.5 - 1, atol=1e-6, rtol=0)
-    flipped = augment.random_affine(2, flip=1.0)  # always mirror left-right
-    out = augment.warp_batch(bank, index, flipped, 8)
+    flipped = fused_op.random_affine(2, flip=1.0)  # always mirror left-right
+    out = fused_op.warp_batch(bank, index, flipped, 8)
     torch.testing.assert_close(out, torch.flip(bank[index], dims=[3]).float() / 127.5 - 1, atol=1e-5, rtol=0)
 
 
 def test_zeros_padding_is_black():
     bank = torch.full((1, 3, 4, 4), 200, dtype=torch.uint8)
     far_away = torch.tensor([[[1.0, 0, 5.0], [0, 1, 0]]])  # reads far to the right of the image
-    out = augment.warp_batch(bank, torch.tensor([0]), far_away, 4, "zeros")
+    out = fused_op.warp_batch(bank, torch.tensor([0]), far_away, 4, "zeros")
     assert torch.all(out == -1)  # pixel 0, as index -> float -> grid_sample -> normalize gives
-    out = augment.warp_batch(bank, torch.tensor([0]), far_away, 4, "border")
+    out = fused_op.warp_batch(bank, torch.tensor([0]), far_away, 4, "border")
     torch.testing.assert_close(out, torch.full_like(out, 200 / 127.5 - 1))
 
 
@@ -170,21 +170,21 @@ def test_warp_non_finite_theta_is_defined():
     bank, index, theta = random_inputs(2, 8, 3, seed=1)
     theta[0, 0, 0] = float("nan")
     theta[1, 1, 2] = float("inf")
-    for padding in augment.PADDING_MODES:
-        out = augment.warp_batch(bank, index, theta, 8, padding)
+    for padding in fused_op.PADDING_MODES:
+        out = fused_op.warp_batch(bank, index, theta, 8, padding)
         assert torch.isfinite(out).all() and out.abs().max() <= 1
 
 
 def test_warp_non_contiguous_index_and_theta():
     bank, index, theta = random_inputs(5, 16, 8, seed=2)
-    out = augment.warp_batch(bank, index[::2], theta[::2], 16)
-    ref = augment.warp_batch_reference(bank, index[::2].contiguous(), theta[::2].contiguous(), 16)
+    out = fused_op.warp_batch(bank, index[::2], theta[::2], 16)
+    ref = fused_op.warp_batch_reference(bank, index[::2].contiguous(), theta[::2].contiguous(), 16)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
 def test_random_affine_samples():
     g = torch.Generator().manual_seed(0)
-    theta = augment.random_affine(4000, flip=0.3, translate=0.1, scale=(0.8, 1.25), rotate=20, generator=g)
+    theta = fused_op.random_affine(4000, flip=0.3, translate=0.1, scale=(0.8, 1.25), rotate=20, generator=g)
     assert theta.shape == (4000, 2, 3) and theta.dtype == torch.float32
     # determinant = sign / zoom^2: its sign counts flips, its size the zoom
     det = torch.linalg.det(theta[:, :, :2])
@@ -192,10 +192,10 @@ def test_random_affine_samples():
     zoom = det.abs().rsqrt()
     assert zoom.min() >= 0.8 - 1e-5 and zoom.max() <= 1.25 + 1e-5
     assert theta[:, :, 2].abs().max() <= 0.2 + 1e-6  # a shift of 10% of the size is 0.2
-    again = augment.random_affine(4000, flip=0.3, translate=0.1, scale=(0.8, 1.25), rotate=20,
+    again = fused_op.random_affine(4000, flip=0.3, translate=0.1, scale=(0.8, 1.25), rotate=20,
                                   generator=torch.Generator().manual_seed(0))
     assert torch.equal(theta, again)
-    plain = augment.random_affine(8, flip=0.0)
+    plain = fused_op.random_affine(8, flip=0.0)
     assert torch.equal(plain, torch.tensor([[1.0, 0, 0], [0, 1, 0]]).expand(8, 2, 3))
 
 
@@ -203,7 +203,7 @@ def test_random_affine_samples():
 
 def params_for(x, seed, policy="color,translation,cutout"):
     B, _, H, W = x.shape
-    return augment.random_diffaug(B, H, W, policy, generator=torch.Generator().manual_seed(seed), device=x.device)
+    return fused_op.random_diffaug(B, H, W, policy, generator=torch.Generator().manual_seed(seed), device=x.device)
 
 
 def published_diffaugment(x, p):
@@ -231,25 +231,25 @@ def test_diffaug_equals_published_formulas(policy):
     x = torch.randn(4, 3, 9, 12, dtype=torch.float64).clamp(-1, 1)
     p = params_for(x, seed=len(policy), policy=policy)
     expected = published_diffaugment(x, p)
-    torch.testing.assert_close(augment.diff_augment(x, p), expected)
-    torch.testing.assert_close(augment.diff_augment_reference(x, p), expected)
+    torch.testing.assert_close(fused_op.diff_augment(x, p), expected)
+    torch.testing.assert_close(fused_op.diff_augment_reference(x, p), expected)
 
 
 @pytest.mark.parametrize("channels", [1, 3, 4])
 def test_diffaug_matches_reference_float32(channels):
     x = torch.rand(16, channels, 32, 32) * 2 - 1
     p = params_for(x, seed=channels)
-    torch.testing.assert_close(augment.diff_augment(x, p), augment.diff_augment_reference(x, p), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fused_op.diff_augment(x, p), fused_op.diff_augment_reference(x, p), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_diffaug_half_precision(dtype):
     x = torch.rand(8, 3, 16, 16) * 2 - 1
     p = params_for(x, seed=5)
-    out = augment.diff_augment(x.to(dtype), p)
+    out = fused_op.diff_augment(x.to(dtype), p)
     assert out.dtype == dtype
     # accumulates in float32: only the input and output roundings differ from float32
-    torch.testing.assert_close(out.float(), augment.diff_augment_reference(x, p), atol=0.05, rtol=0)
+    torch.testing.assert_close(out.float(), fused_op.diff_augment_reference(x, p), atol=0.05, rtol=0)
 
 
 def test_diffaug_extreme_params_and_non_contiguous_input():
@@ -257,7 +257,7 @@ def test_diffaug_extreme_params_and_non_contiguous_input():
     p = DiffAugParams(torch.tensor([0.4, -0.5, 0.0]), torch.tensor([0.0, 2.0, 1.0]),
                       torch.tensor([0.5, 1.5, 1.0]), torch.tensor([[30, -30], [-10, 0], [3, 2]]),
                       torch.tensor([[-8, -8, 2, 2], [5, 5, 40, 40], [0, 0, 0, 0]]))
-    torch.testing.assert_close(augment.diff_augment(x, p), published_diffaugment(x, p), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fused_op.diff_augment(x, p), published_diffaugment(x, p), atol=1e-5, rtol=0)
 
 
 def test_diffaug_gradcheck():
@@ -272,18 +272,18 @@ def test_diffaug_backward_matches_autograd_of_reference():
     x = torch.randn(5, 3, 12, 12, requires_grad=True)
     p = params_for(x, seed=12)
     g = torch.randn(5, 3, 12, 12)
-    (fused,) = torch.autograd.grad(augment.diff_augment(x, p), x, g)
-    (reference,) = torch.autograd.grad(augment.diff_augment_reference(x, p), x, g)
+    (fused,) = torch.autograd.grad(fused_op.diff_augment(x, p), x, g)
+    (reference,) = torch.autograd.grad(fused_op.diff_augment_reference(x, p), x, g)
     torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
     # an expanded (zero-stride) gradient, as .sum() hands back
-    (fused,) = torch.autograd.grad(augment.diff_augment(x, p).sum(), x)
-    (reference,) = torch.autograd.grad(augment.diff_augment_reference(x, p).sum(), x)
+    (fused,) = torch.autograd.grad(fused_op.diff_augment(x, p).sum(), x)
+    (reference,) = torch.autograd.grad(fused_op.diff_augment_reference(x, p).sum(), x)
     torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_random_diffaug_distributions():
     g = torch.Generator().manual_seed(1)
-    p = augment.random_diffaug(5000, 32, 64, generator=g)
+    p = fused_op.random_diffaug(5000, 32, 64, generator=g)
     assert p.brightness.min() >= -0.5 and p.brightness.max() < 0.5
     assert p.saturation.min() >= 0 and p.saturation.max() < 2
     assert p.contrast.min() >= 0.5 and p.contrast.max() < 1.5
@@ -291,10 +291,10 @@ def test_random_diffaug_distributions():
     assert torch.all(p.cutout[:, 2] - p.cutout[:, 0] == 16) and torch.all(p.cutout[:, 3] - p.cutout[:, 1] == 32)
     centre_y = p.cutout[:, 0] + 8
     assert centre_y.min() == 0 and centre_y.max() == 32  # even side: centres 0 .. size
-    again = augment.random_diffaug(5000, 32, 64, generator=torch.Generator().manual_seed(1))
+    again = fused_op.random_diffaug(5000, 32, 64, generator=torch.Generator().manual_seed(1))
     assert all(torch.equal(a, b) for a, b in zip(p, again))
     with pytest.raises(ValueError, match="unknown"):
-        augment.random_diffaug(2, 8, 8, "color,blur")
+        fused_op.random_diffaug(2, 8, 8, "color,blur")
 
 
 # ----------------------------------------------------------------------------- registration
@@ -310,13 +310,13 @@ def test_opcheck():
 
 
 def augment_step(bank, index, theta, p):
-    real = augment.warp_batch(bank, index, theta, 16, check_index=False)
-    return augment.diff_augment(real, p)
+    real = fused_op.warp_batch(bank, index, theta, 16, check_index=False)
+    return fused_op.diff_augment(real, p)
 
 
 @pytest.fixture
 def fresh_dynamo():
-    # augment._has_kernel is a constant to torch.compile: graphs traced under a faked answer
+    # fused_op._has_kernel is a constant to torch.compile: graphs traced under a faked answer
     # must not outlive the test that faked it
     torch._dynamo.reset()
     yield
@@ -347,7 +347,7 @@ def test_torch_compile_traces_the_cuda_branch(fresh_dynamo, monkeypatch):
     # now decided when the extension loads. Here the answer a CUDA build gives, yes, is faked.
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    monkeypatch.setitem(augment._state, "kernel_devices", frozenset({"cpu", "cuda"}))
+    monkeypatch.setitem(fused_op._state, "kernel_devices", frozenset({"cpu", "cuda"}))
     bank, index, theta = random_inputs(4, 16, 6, seed=9)
     p = params_for(torch.randn(6, 3, 16, 16), seed=9)
     graphs = []
@@ -364,15 +364,15 @@ def test_torch_compile_traces_the_cuda_branch(fresh_dynamo, monkeypatch):
 def test_torch_compile_takes_the_reference_where_there_is_no_kernel(fresh_dynamo, monkeypatch):
     # the other answer of the load-time decision (as for CUDA tensors when nvcc is missing):
     # the traced graph holds the reference's ops, and computes the same batch
-    monkeypatch.setitem(augment._state, "kernel_devices", frozenset())
+    monkeypatch.setitem(fused_op._state, "kernel_devices", frozenset())
     bank, index, theta = random_inputs(4, 16, 6, seed=9)
     p = params_for(torch.randn(6, 3, 16, 16), seed=9)
     graphs = []
     out = compile_recording_graphs(augment_step, graphs)(bank, index, theta, p)
     (called,) = graphs
     assert not any("ganlab" in name for name in called) and any("grid_sample" in name for name in called), called
-    torch.testing.assert_close(out, augment.diff_augment_reference(
-        augment.warp_batch_reference(bank, index, theta, 16), p), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out, fused_op.diff_augment_reference(
+        fused_op.warp_batch_reference(bank, index, theta, 16), p), atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -400,7 +400,7 @@ def bad_warp_cases():
 
 def test_empty_batch_is_refused_alike_everywhere():
     # the compiled op, its fake kernel (what torch.compile traces with) and the reference all
-    # refuse an empty batch with the compiled op's words (augment.warp_batch says why)
+    # refuse an empty batch with the compiled op's words (fused_op.warp_batch says why)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     bank, index, theta = random_inputs(4, 8, 3, seed=0)
@@ -412,11 +412,11 @@ def test_empty_batch_is_refused_alike_everywhere():
     with pytest.raises(RuntimeError, match=warp_message):
         torch.ops.ganlab.warp_batch(bank, index[:0], theta[:0], 8, 8, 0, torch.float32)
     with pytest.raises(RuntimeError, match=warp_message):
-        augment.warp_batch_reference(bank, index[:0], theta[:0], 8)
+        fused_op.warp_batch_reference(bank, index[:0], theta[:0], 8)
     with pytest.raises(RuntimeError, match=diffaug_message):
         torch.ops.ganlab.diffaug(x, *p_empty)
     with pytest.raises(RuntimeError, match=diffaug_message):
-        augment.diff_augment_reference(x, p_empty)
+        fused_op.diff_augment_reference(x, p_empty)
     with pytest.raises(RuntimeError, match="diffaug_backward: images are empty"):
         torch.ops.ganlab.diffaug_backward(x, *p_empty[1:])
     empty_index, empty_theta = index[:0], theta[:0]
@@ -447,7 +447,7 @@ def test_warp_bad_options():
     with pytest.raises(RuntimeError, match="output size must be positive"):
         torch.ops.ganlab.warp_batch(bank, index, theta, 0, 8, 0, torch.float32)
     with pytest.raises(ValueError, match="padding must be one of"):
-        augment.warp_batch(bank, index, theta, 8, padding="wrap")
+        fused_op.warp_batch(bank, index, theta, 8, padding="wrap")
 
 
 def bad_diffaug_cases():
@@ -480,11 +480,11 @@ def test_cpu_tensors_use_the_compiled_op(monkeypatch):
     def no_reference(*args, **kwargs):
         raise AssertionError("the reference ran although the compiled op has a CPU kernel")
 
-    monkeypatch.setattr(augment, "warp_batch_reference", no_reference)
-    monkeypatch.setattr(augment, "diff_augment_reference", no_reference)
+    monkeypatch.setattr(fused_op, "warp_batch_reference", no_reference)
+    monkeypatch.setattr(fused_op, "diff_augment_reference", no_reference)
     bank, index, theta = random_inputs(4, 8, 3, seed=0)
-    x = augment.warp_batch(bank, index, theta, 8)
-    augment.diff_augment(x, params_for(x, seed=0))
+    x = fused_op.warp_batch(bank, index, theta, 8)
+    fused_op.diff_augment(x, params_for(x, seed=0))
 
 
 # what ninja's output looks like when the CUDA host file does not compile (torch 2.4-2.10
@@ -516,7 +516,7 @@ def mocked_cuda_build(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
-    monkeypatch.setattr(augment, "_nvcc_version", lambda cuda_home: "13.0")
+    monkeypatch.setattr(fused_op, "_nvcc_version", lambda cuda_home: "13.0")
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     return builds
 
@@ -526,66 +526,66 @@ def test_failed_cuda_build_says_why_and_is_not_retried(mocked_cuda_build, monkey
 
     # first start: the CUDA build fails, the reason quotes the compiler's error, the CPU
     # kernels are built
-    reason = augment._build_and_load()
+    reason = fused_op._build_and_load()
     assert mocked_cuda_build == [("ganlab_ops_cuda", True), ("ganlab_ops", False)]
     assert "has no member named 'native_handle'" in reason and "build stopped" not in reason
     record = tmp_path / "ganlab_ops_cuda.failed"
     assert f"delete {record} to try again" in reason
     # next start, same sources, torch and nvcc: no second try, and the reason says so
     mocked_cuda_build.clear()
-    reason = augment._build_and_load()
+    reason = fused_op._build_and_load()
     assert mocked_cuda_build == [("ganlab_ops", False)]
     assert "failed to build earlier" in reason and "has no member named 'native_handle'" in reason
     # another nvcc (or torch, or source) is worth a try
-    monkeypatch.setattr(augment, "_nvcc_version", lambda cuda_home: "13.1")
+    monkeypatch.setattr(fused_op, "_nvcc_version", lambda cuda_home: "13.1")
     mocked_cuda_build.clear()
-    augment._build_and_load()
+    fused_op._build_and_load()
     assert mocked_cuda_build == [("ganlab_ops_cuda", True), ("ganlab_ops", False)]
     # and so is deleting the record, as the message says
     record.unlink()
     mocked_cuda_build.clear()
-    augment._build_and_load()
+    fused_op._build_and_load()
     assert mocked_cuda_build == [("ganlab_ops_cuda", True), ("ganlab_ops", False)]
     # a build that works again (here: with another nvcc) leaves no record behind
-    monkeypatch.setattr(augment, "_nvcc_version", lambda cuda_home: "13.2")
+    monkeypatch.setattr(fused_op, "_nvcc_version", lambda cuda_home: "13.2")
     monkeypatch.setattr(cpp_extension, "load", lambda name, sources, with_cuda, **kwargs: None)
-    assert augment._build_and_load() is None and not record.exists()
+    assert fused_op._build_and_load() is None and not record.exists()
 
 
 def test_nvcc_of_another_cuda_major_is_not_tried(mocked_cuda_build, monkeypatch):
     # torch refuses such a build anyway: say so, and what to install, without trying
     monkeypatch.setattr(torch.version, "cuda", "12.8")
-    reason = augment._build_and_load()
+    reason = fused_op._build_and_load()
     assert mocked_cuda_build == [("ganlab_ops", False)]
     assert "nvcc in /usr/local/cuda is CUDA 13.0" in reason and "built with CUDA 12.8" in reason
     assert "Install a CUDA 12.x toolkit" in reason and "download.pytorch.org/whl/cu130" in reason
 
 
 def test_build_error_summary_keeps_the_error_lines():
-    summary = augment._build_error_summary(RuntimeError(NINJA_FAILURE))
+    summary = fused_op._build_error_summary(RuntimeError(NINJA_FAILURE))
     assert summary.splitlines()[-1].strip() == ("csrc/augment_cuda.cpp:31:33: error: 'class c10::Stream' has "
                                                 "no member named 'native_handle'")
     # output with no line saying "error": its last lines
-    summary = augment._build_error_summary(RuntimeError("\n".join(f"line {i}" for i in range(30))), lines=3)
+    summary = fused_op._build_error_summary(RuntimeError("\n".join(f"line {i}" for i in range(30))), lines=3)
     assert summary.split() == ["line", "27", "line", "28", "line", "29"]
 
 
 def test_missing_cuda_kernels_are_reported_once_at_load(monkeypatch):
     # a CUDA build of torch on a machine with a GPU whose CUDA kernels were not built: one
     # warning when the extension loads, with the reason; CUDA tensors then take the reference
-    monkeypatch.setattr(augment, "_state", {"loaded": None, "kernel_devices": frozenset()})
-    monkeypatch.setattr(augment, "_build_and_load", lambda: "were not built: no nvcc found")
+    monkeypatch.setattr(fused_op, "_state", {"loaded": None, "kernel_devices": frozenset()})
+    monkeypatch.setattr(fused_op, "_build_and_load", lambda: "were not built: no nvcc found")
     monkeypatch.setattr(torch.ops, "ganlab", type("NoOps", (), {})())  # as if never loaded
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.warns(UserWarning, match="CUDA tensors use the pure-PyTorch reference .* the CUDA kernels "
                                          "were not built: no nvcc found") as record:
-        assert augment.load_extension()
-        assert augment._has_kernel("cpu") and not augment._has_kernel("cuda")
+        assert fused_op.load_extension()
+        assert fused_op._has_kernel("cpu") and not fused_op._has_kernel("cuda")
     assert len(record) == 1
 
 
 def test_reference_forced_by_environment():
-    code = "from ganlab import augment; print(augment.load_extension())"
+    code = "from ganlab import fused_op; print(fused_op.load_extension())"
     env = dict(os.environ, GANLAB_REFERENCE="1")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -595,16 +595,16 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch):
     def broken_build():
         raise RuntimeError("Error building extension 'ganlab_ops': no compiler")
 
-    saved = dict(augment._state)
-    monkeypatch.setattr(augment, "_state", {"loaded": None, "kernel_devices": frozenset()})
-    monkeypatch.setattr(augment, "_build_and_load", broken_build)
+    saved = dict(fused_op._state)
+    monkeypatch.setattr(fused_op, "_state", {"loaded": None, "kernel_devices": frozenset()})
+    monkeypatch.setattr(fused_op, "_build_and_load", broken_build)
     monkeypatch.setattr(torch.ops, "ganlab", type("NoOps", (), {})())  # as if never loaded
     bank, index, theta = random_inputs(3, 8, 2, seed=4)
     with pytest.warns(UserWarning, match="pure-PyTorch reference") as record:
-        out = augment.warp_batch(bank, index, theta, 8)
-        augment.warp_batch(bank, index, theta, 8)
+        out = fused_op.warp_batch(bank, index, theta, 8)
+        fused_op.warp_batch(bank, index, theta, 8)
     assert len(record) == 1
-    torch.testing.assert_close(out, augment.warp_batch_reference(bank, index, theta, 8))
+    torch.testing.assert_close(out, fused_op.warp_batch_reference(bank, index, theta, 8))
     assert saved["loaded"] is True
 
 
@@ -613,23 +613,23 @@ import sys
 import torch
 from torch.utils import cpp_extension
 def no_jit(*args, **kwargs):
-    raise AssertionError("augment.py JIT-built although an ahead-of-time build is present")
+    raise AssertionError("fused_op.py JIT-built although an ahead-of-time build is present")
 cpp_extension.load = no_jit
-from ganlab import augment
-assert augment.load_extension()
+from ganlab import fused_op
+assert fused_op.load_extension()
 g = torch.Generator().manual_seed(0)
 bank = torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8, generator=g)
 index = torch.tensor([0, 3, 1])
-theta = augment.random_affine(3, flip=0.5, translate=0.1, rotate=10, generator=g)
-out = augment.warp_batch(bank, index, theta, 16, "reflection")
-torch.testing.assert_close(out, augment.warp_batch_reference(bank, index, theta, 16, "reflection"), atol=1e-4, rtol=0)
+theta = fused_op.random_affine(3, flip=0.5, translate=0.1, rotate=10, generator=g)
+out = fused_op.warp_batch(bank, index, theta, 16, "reflection")
+torch.testing.assert_close(out, fused_op.warp_batch_reference(bank, index, theta, 16, "reflection"), atol=1e-4, rtol=0)
 print("ok")
 """
 
 
 def test_ahead_of_time_build_is_used(tmp_path):
     # `python setup.py build_ext --inplace` in a copy of the checkout (so the .so does not
-    # shadow the JIT build of the other tests), then augment.py must load it and not JIT-build
+    # shadow the JIT build of the other tests), then fused_op.py must load it and not JIT-build
     shutil.copy(os.path.join(REPO, "setup.py"), tmp_path / "setup.py")
     for folder in ["csrc", "ganlab"]:
         shutil.copytree(os.path.join(REPO, folder), tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
@@ -702,34 +702,34 @@ def test_cuda_warp_equals_cpu_and_grid_sample(padding, dtype):
         gpu = torch.ops.ganlab.warp_batch(bank.cuda(), index.cuda(), theta.cuda(), out_size, out_size, padding, dtype)
         cpu = torch.ops.ganlab.warp_batch(bank, index, theta, out_size, out_size, padding, dtype)
         torch.testing.assert_close(gpu.cpu().float(), cpu.float(), atol=TOLERANCE[dtype], rtol=0)
-        mode = list(augment.PADDING_MODES)[padding]
-        oracle = augment.warp_batch_reference(bank.cuda(), index.cuda(), theta.cuda(), out_size, mode)
+        mode = list(fused_op.PADDING_MODES)[padding]
+        oracle = fused_op.warp_batch_reference(bank.cuda(), index.cuda(), theta.cuda(), out_size, mode)
         torch.testing.assert_close(gpu.float(), oracle, atol=TOLERANCE[dtype], rtol=0)
 
 
 @needs_cuda
 def test_cuda_kernels_loaded_and_used():
     # on a GPU machine with nvcc the CUDA kernels must have been built: no silent fallback
-    assert augment._has_kernel("cuda"), "the extension loaded without its CUDA kernels"
+    assert fused_op._has_kernel("cuda"), "the extension loaded without its CUDA kernels"
 
     def no_reference(*args, **kwargs):
         raise AssertionError("the reference ran although the compiled op has a CUDA kernel")
 
     bank, index, theta = random_inputs(4, 8, 3, seed=0, device="cuda")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(augment, "warp_batch_reference", no_reference)
-        patch.setattr(augment, "diff_augment_reference", no_reference)
-        x = augment.warp_batch(bank, index, theta, 8)
-        augment.diff_augment(x, params_for(x, seed=0))
+        patch.setattr(fused_op, "warp_batch_reference", no_reference)
+        patch.setattr(fused_op, "diff_augment_reference", no_reference)
+        x = fused_op.warp_batch(bank, index, theta, 8)
+        fused_op.diff_augment(x, params_for(x, seed=0))
 
 
 @needs_cuda
 def test_cuda_without_cuda_kernels_falls_back(monkeypatch):
     # as on a CUDA build of torch with no nvcc: the extension has CPU kernels only
-    monkeypatch.setitem(augment._state, "kernel_devices", frozenset({"cpu"}))
+    monkeypatch.setitem(fused_op._state, "kernel_devices", frozenset({"cpu"}))
     bank, index, theta = random_inputs(4, 8, 3, seed=0, device="cuda")
-    out = augment.warp_batch(bank, index, theta, 8)
-    torch.testing.assert_close(out, augment.warp_batch_reference(bank, index, theta, 8))
+    out = fused_op.warp_batch(bank, index, theta, 8)
+    torch.testing.assert_close(out, fused_op.warp_batch_reference(bank, index, theta, 8))
 
 
 @needs_cuda
@@ -750,8 +750,8 @@ def test_cuda_bad_index():
     bank, index, theta = random_inputs(4, 8, 3, seed=0, device="cuda")
     bad = torch.tensor([0, 9, 1], device="cuda")
     with pytest.raises(IndexError, match="index values must be in"):
-        augment.warp_batch(bank, bad, theta, 8)
-    out = augment.warp_batch(bank, bad, theta, 8, check_index=False)  # no read outside the bank
+        fused_op.warp_batch(bank, bad, theta, 8)
+    out = fused_op.warp_batch(bank, bad, theta, 8, check_index=False)  # no read outside the bank
     assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
     with pytest.raises(RuntimeError, match="must be on one device"):
         torch.ops.ganlab.warp_batch(bank, index.cpu(), theta, 8, 8, 0, torch.float32)
@@ -763,8 +763,8 @@ def test_cuda_diffaug_equals_cpu(dtype):
     x = (torch.rand(17, 3, 64, 64) * 2 - 1).to(dtype)
     p = params_for(x, seed=3)
     pc = DiffAugParams(*(t.cuda() for t in p))
-    torch.testing.assert_close(augment.diff_augment(x.cuda(), pc).cpu().float(),
-                               augment.diff_augment(x, p).float(),
+    torch.testing.assert_close(fused_op.diff_augment(x.cuda(), pc).cpu().float(),
+                               fused_op.diff_augment(x, p).float(),
                                atol=1e-5 if dtype != torch.bfloat16 else 0.02, rtol=0)
     g = torch.randn_like(x)
     torch.testing.assert_close(torch.ops.ganlab.diffaug_backward(g.cuda(), *pc[1:]).cpu().float(),
