@@ -166,7 +166,7 @@ def main(argv=None):
     args, device = run.args, run.device
 
     # data: every image in one uint8 tensor bank (N, 3, S, S) on the device (none is needed to only
-    # sample a finished run); S is --image-size, or the data's own size when not given
+    # sample a finished run); S is --image-size (when not given: the checkpoint's, else as its help says)
     bank = run.load_images() if run.epochs_left else None
     S = args.image_size
     images_per_step = args.batch_size * args.d_steps
@@ -243,11 +243,12 @@ def main(argv=None):
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
-            if args.ema:
+            if args.ema:  # G_ema <- d G_ema + (1 - d) G, d = min(--ema, (1 + step) / (10 + step)): a warm-up
                 training.ema_update(G_ema, G, args.ema, step)
             step += 1
 
-            # the curves: kept on the device, fetched every --log-every steps (one transfer); a NaN stops
+            # the curves: kept on the device, fetched every --log-every steps (one transfer); a NaN or inf
+            # there stops the run (SystemExit), keeping the last good checkpoint
             run.log(step, epoch, loss_D=loss_d, loss_G=loss_g, D_x=d_real.float().mean(),
                     D_G_z=d_fake.float().mean())
             if run.stop_requested(step):  # Ctrl-C or SIGTERM: a checkpoint to resume from, then stop
@@ -266,7 +267,7 @@ def main(argv=None):
             run.save_grid(G_ema(fixed_z))
     sample_gen = torch.Generator().manual_seed(args.seed + 1)
 
-    def generate(count):
+    def generate(count):  # at most 500 at a time: G's BatchNorm normalizes over the batch it is given
         with torch.no_grad():
             return to_uint8(G_ema(torch.randn(min(count, 500), args.nz, 1, 1, generator=sample_gen).to(device)))
 
