@@ -38,7 +38,7 @@ from ganlab.outputs import to_uint8
 # -----------------------------------------------------------------------------
 # settings: `python dcgan.py --help` lists them all with their defaults
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+parser = argparse.ArgumentParser(description=flags.help_from_docstring(__doc__),
                                  formatter_class=flags.HelpFormatter)
 group = parser.add_argument_group("model")
 group.add_argument("--nz", type=flags.positive_int, default=100, help="size of the noise vector z")

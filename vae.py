@@ -19,18 +19,11 @@ checkpoint.pt (--resume continues it exactly); with --sample N the images sample
 (and NAME.zip with --zip NAME) in the GAN scripts' format, so that one tool scores both.
 tools/vae_sweep.py compares latent sizes and batch sizes.
 
-Measured on the 2-core development CPU (one thread, other jobs running). On the built-in icons,
-`python vae.py` (its SHAPES_DEFAULTS, 189 s of CPU) reconstructs closely and
-its prior samples show the four shapes, on washed-out backgrounds between the three colours
-(modes.py recognises 1.5%: README, Quickstart); with the default --latent 128 (or 16) the prior
-samples were patchy colour fields (an earlier version of the set): the codes of the training
-images fill only part of N(0, I) (likely, not measured). On the anime faces at 32x32 (3 epochs, vae_sweep.py)
-latents 16-32 give smooth, blurry, face-like samples and 128 sharper reconstructions with
-noisier samples. VAE samples are blurrier than GAN samples: where the code does not pin an
-image down, the Gaussian's best guess is an average. 8 epochs at 32x32 with the defaults
-(`--data ../shared/data/anime-faces --image-size 32 --epochs 8 --batch-size 64`): FID 155.0 of
-5,000 prior samples against 10,000 real faces, between dcgan.py's 131.9 and lsgan.py's 172.7
-(README, "FID and KID").
+Measured on a 2-core CPU (docs/results.md): `python vae.py` (189 s of CPU) reconstructs the icons
+closely; its prior samples show the four shapes on washed-out backgrounds (modes.py: 1.5%). On the
+anime faces at 32x32, 8 epochs: FID 155.0, between dcgan.py's 131.9 and lsgan.py's 172.7. VAE
+samples are blurrier than a GAN's: where the code does not pin an image down, the Gaussian's best
+guess is an average.
 """
 
 import argparse
@@ -50,7 +43,7 @@ from ganlab.outputs import save_grid
 # -----------------------------------------------------------------------------
 # settings: `python vae.py --help` lists them all with their defaults
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+parser = argparse.ArgumentParser(description=flags.help_from_docstring(__doc__),
                                  formatter_class=flags.HelpFormatter)
 group = parser.add_argument_group("model")
 group.add_argument("--latent", type=flags.positive_int, default=128, help="dimension of the latent z")
@@ -72,17 +65,14 @@ SHAPES_DEFAULTS = dict(max_images=5000, epochs=24, latent=8)
 
 
 def feature_sizes(image_size):
-    """Spatial sizes through the encoder: halve while the side is even and at least 8.
-
-    32 -> [32, 16, 8, 4]; 64 -> [64, 32, 16, 8, 4]; 96 -> [96, 48, 24, 12, 6]. The decoder walks
-    the same list backwards, doubling, so any size of the form (4 to 7) * 2^k comes back exactly.
-    """
+    """Spatial sizes through the encoder, halving while the side is even and at least 8: 32 -> [32, 16,
+    8, 4]; 96 -> [96, 48, 24, 12, 6]. The decoder doubles back through them: (3 to 7) x 2^k exactly."""
     sizes = [image_size]
     while sizes[-1] >= 8 and sizes[-1] % 2 == 0:
         sizes.append(sizes[-1] // 2)
     if image_size < 8 or sizes[-1] > 7:
         raise ValueError(f"--image-size {image_size} cannot be halved down to 4 to 7 pixels: use a size "
-                         "like 16, 32, 48, 64 or 96 (4 to 7 times a power of 2, at least 8)")
+                         "like 16, 24, 32, 48, 64 or 96 (3 to 7 times a power of 2, at least 8)")
     return sizes
 
 
@@ -170,8 +160,7 @@ class VAE(nn.Module):
         self.decoder = Decoder(image_size, latent, width)
 
     def forward(self, x, eps):
-        """-> x_hat, mu, logvar. eps ~ N(0, I) (B, latent) is drawn by the caller, for the whole batch
-        at once, so that a run split over processes draws the same numbers as one process."""
+        """-> x_hat, mu, logvar. eps ~ N(0, I) (B, latent) is drawn by the caller (the whole batch's, once)."""
         mu, logvar = self.encoder(x)
         return self.decoder(reparameterize(mu, logvar, eps)), mu, logvar
 
@@ -334,7 +323,7 @@ def heldout_count(n, holdout):
 
 def main(argv=None):
     """Train (or with --epochs 0 only measure and sample); returns the final held-out numbers, the settings."""
-    # the command line, checked before any work; the processes under torchrun; the device; the seed
+    # the command line, checked before any work (training.Run: checkpoint settings, SHAPES_DEFAULTS, device, seed)
     run = training.Run(parser, argv, __file__, MUST_MATCH, curve_groups=[["neg_elbo"], ["recon"], ["kl"]],
                        shapes_defaults=SHAPES_DEFAULTS)
     args, device, B = run.args, run.device, run.args.batch_size

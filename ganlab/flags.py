@@ -10,7 +10,8 @@ usage error, "argument --batch-size: must be a whole number >= 1, got '0'" (exit
     device                                 auto, cpu, cuda, cuda:N, ... (checked by resolve_device)
     diffaug_policy                         none, or some of color,translation,cutout
 
-HelpFormatter is the scripts' --help: each flag's default, none where a flag has none. Then
+HelpFormatter and help_from_docstring make the scripts' --help: the docstring's commands and
+outputs, each flag's default (none where a flag has none). Then
 checks of paths a run will write, made before the run rather than after it:
 
     resolve_device(text)                   'auto' -> cuda if there is a GPU else cpu; refuses a
@@ -29,9 +30,17 @@ import os
 import torch
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each flag's default, except where there is none to show (the help says what
-    happens when the flag is not given)."""
+def help_from_docstring(doc):
+    """A script's --help text from its docstring: the title, the example commands, and the paragraph
+    on what a run writes (the one that starts "Everything goes to")."""
+    paragraphs = doc.strip().split("\n\n")
+    outputs = [p for p in paragraphs if p.startswith("Everything goes to")]
+    return "\n\n".join(paragraphs[:2] + outputs)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the description as written (its example commands keep their lines), and each flag's
+    default, except where there is none to show (the help says what happens when it is not given)."""
 
     def _get_help_string(self, action):
         if action.default is None:

@@ -473,3 +473,4 @@ def test_the_built_in_set_takes_its_own_defaults_and_a_given_flag_wins(script, t
     help_text = " ".join(capsys.readouterr().out.split())
     assert "with --data shapes (the built-in icons, the default) these defaults change: --max-images 5000" in help_text
     assert "(default: None)" not in help_text
+    assert f"python {script}.py --sample 1000" in help_text and "Everything goes to --out" in help_text  # an example
