@@ -118,6 +118,18 @@ def ema_update(G_ema, G, decay, step):
             p_ema.lerp_(p, 1 - d)
 
 
+def _first_nonfinite(value, where=""):
+    """The name of the first float tensor in a checkpoint (nested dicts, lists) with a NaN or inf, or None."""
+    if isinstance(value, torch.Tensor):
+        return where if value.is_floating_point() and not torch.isfinite(value).all() else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = _first_nonfinite(item, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
 def _torchrun():
     """(rank, local rank, world size) when started by torchrun, else None."""
     if "WORLD_SIZE" not in os.environ and "RANK" not in os.environ:
@@ -185,6 +197,9 @@ class Run:
             self.error("--sync-batchnorm needs torchrun with several processes on CUDA GPUs "
                        "(PyTorch's SyncBatchNorm has no CPU version)")
         self.start_epoch = self.checkpoint["epoch"] if self.checkpoint else 0
+        if self.checkpoint and 0 < args.epochs < self.start_epoch:  # would do nothing, and say nothing
+            self.error(f"{args.resume} has trained {self.start_epoch} epochs, more than --epochs {args.epochs}: "
+                       f"give --epochs N above {self.start_epoch} to train on, or --epochs 0 --sample N to sample it")
         self.epochs_left = max(0, args.epochs - self.start_epoch)  # 0: only sample a finished run
 
         torch.manual_seed(args.seed)  # the same seed in every process: the same random numbers
@@ -211,6 +226,10 @@ class Run:
             checkpoint = load_checkpoint(args.resume)
         except CheckpointError as error:
             self.parser.error(str(error))
+        bad = _first_nonfinite(checkpoint)
+        if bad:  # resuming from it would train on (or sample) NaN weights without a word
+            self.parser.error(f"{args.resume} holds NaN or infinite values in {bad}: it cannot be resumed; resume "
+                              "from an earlier checkpoint (with a lower learning rate), or train a new run")
         writer = checkpoint.get("script") if isinstance(checkpoint, dict) else None
         if writer != self.script or not isinstance(checkpoint.get("args"), dict):
             who = f"{writer}.py" if writer else "an older version of this project or another program"

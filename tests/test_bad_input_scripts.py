@@ -139,3 +139,27 @@ def test_nan_before_any_checkpoint_does_not_advise_resuming(tmp_path, monkeypatc
         run("dcgan", tmp_path, "--epochs", 1)
     message = str(exit_info.value.code)
     assert "no checkpoint had been written yet" in message and "resume" not in message
+
+
+def test_resume_past_epochs_is_refused_saying_what_to_give(capsys, tmp_path):
+    finished = run("dcgan", tmp_path, "--epochs", 2)
+    before = open(os.path.join(finished, "checkpoint.pt"), "rb").read()
+    message = refused(capsys, "dcgan", ["--resume", os.path.join(finished, "checkpoint.pt"), "--epochs", 1])
+    assert "has trained 2 epochs, more than --epochs 1" in message and "--epochs 0 --sample N" in message
+    assert open(os.path.join(finished, "checkpoint.pt"), "rb").read() == before
+
+
+@pytest.mark.parametrize("part", ["G_ema", "opt_d"])
+def test_a_checkpoint_holding_nan_is_refused_naming_where(part, capsys, tmp_path):
+    finished = run("dcgan", tmp_path, "--epochs", 1, "--ema", 0.9)
+    state = ckpt(finished)
+    if part == "G_ema":
+        state["G_ema"]["net.0.weight"][0, 0, 0, 0] = float("nan")
+    else:
+        state["opt_d"]["state"][0]["exp_avg_sq"][0] = float("inf")
+    torch.save(state, tmp_path / "bad.pt")
+    message = refused(capsys, "dcgan", ["--resume", tmp_path / "bad.pt", "--epochs", 0, "--sample", 10,
+                                        "--out", tmp_path / "again"])
+    where = "G_ema.net.0.weight" if part == "G_ema" else "opt_d.state.0.exp_avg_sq"
+    assert f"holds NaN or infinite values in {where}" in message
+    assert not os.path.exists(tmp_path / "again" / "samples")
