@@ -148,9 +148,9 @@ class Run:
         script = self.script = os.path.splitext(os.path.basename(script_file))[0]  # dcgan, ...
         self.parser = parser
         if shapes_defaults:  # --help lists them
-            parser.epilog = textwrap.fill("with --data shapes (the built-in icons, the default) these defaults change: "
-                                          + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in shapes_defaults.items()),
-                                          100, break_on_hyphens=False)
+            flags_text = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in shapes_defaults.items())
+            parser.epilog = textwrap.fill("with --data shapes (the built-in icons, the default) these defaults "
+                                          f"change: {flags_text}", 100, break_on_hyphens=False)
         args = self.args = parser.parse_args(argv)
         self.checkpoint = self._resume_settings(argv, must_match) if args.resume else None
         if shapes_defaults and not args.resume and args.data == "shapes":  # a resumed run has its own
