@@ -136,8 +136,7 @@ def weights_init(m):
 
 
 # -----------------------------------------------------------------------------
-# the loss: binary cross-entropy on logits, BCE(l, y) = -[y log sigmoid(l) + (1 - y) log(1 - sigmoid(l))],
-# in fp32; exact and safe under bf16 autocast, where log(sigmoid(l)) would not be
+# the loss: BCE(l, y) = -[y log sigmoid(l) + (1 - y) log(1 - sigmoid(l))] on logits in fp32 (exact under bf16)
 
 
 def bce(logits, target):
@@ -150,10 +149,8 @@ def d_loss(d_real, d_fake):
 
 
 def g_loss(d_gen, kind):
-    """G's loss from D's logits on its images. The original min E log(1 - D(G(z))) = -BCE(D(G(z)), 0)
-    is flat where D rejects the fakes confidently, early in training, so G learns little; the
-    non-saturating min -E log D(G(z)) = BCE(D(G(z)), 1) has the same fixed point and strong
-    gradients exactly there (Goodfellow et al. 2014)."""
+    """G's loss from D's logits on its images: the original E log(1 - D(G(z))) = -BCE(D(G(z)), 0) is flat where
+    D rejects the fakes confidently (early on); -E log D(G(z)) = BCE(D(G(z)), 1) is steep there, same optimum."""
     return bce(d_gen, 1.0) if kind == "non-saturating" else -bce(d_gen, 0.0)
 
 

@@ -2,16 +2,12 @@
 
     python lsgan.py --sample 1000          # the built-in icons, about 2 CPU-minutes (SHAPES_DEFAULTS below)
     python lsgan.py --data anime --image-size 64 --epochs 30  # the anime faces at 64x64 (a GPU job)
-    torchrun --standalone --nproc-per-node 8 lsgan.py --data lld --epochs 20 --sample 50000   # 8 GPUs
 
 A generator G turns noise z ~ N(0, I) into an image; a discriminator D gives each image a raw
 score (no sigmoid), pushed to b = 1 for real images and a = 0 for fakes; G wants c = 1:
 
     D:  min  1/2 E_x (D(x) - b)^2 + 1/2 E_z (D(G(z)) - a)^2
     G:  min  1/2 E_z (D(G(z)) - c)^2
-
-Squared errors keep pushing fakes that D already classifies correctly but that lie far from the
-reals, where the log loss of dcgan.py has saturated: stronger gradients for G.
 
 Everything goes to --out (default out/<script>-<data>/): grid.png (64 samples from fixed noise,
 every epoch; grids/ keeps them all), curves.csv and curves.png (the losses), checkpoint.pt
@@ -151,7 +147,8 @@ def d_loss(d_real, d_fake):
 
 
 def g_loss(d_gen):
-    """G's loss from D's scores of its images: 1/2 E (D(G(z)) - c)^2."""
+    """G's loss from D's scores of its images: 1/2 E (D(G(z)) - c)^2. It keeps pushing fakes that D classifies
+    right but that lie far from the reals, where dcgan.py's log loss has saturated: stronger gradients."""
     return mse(d_gen, C)
 
 
@@ -249,8 +246,7 @@ def main(argv=None):
 
             # the curves: kept on the device, fetched every --log-every steps (one transfer); a NaN or inf
             # there stops the run (SystemExit), keeping the last good checkpoint
-            run.log(step, epoch, loss_D=loss_d, loss_G=loss_g, D_x=d_real.float().mean(),
-                    D_G_z=d_fake.float().mean())
+            run.log(step, epoch, loss_D=loss_d, loss_G=loss_g, D_x=d_real.float().mean(), D_G_z=d_fake.float().mean())
             if run.stop_requested(step):  # Ctrl-C or SIGTERM: a checkpoint to resume from, then stop
                 run.save(dict(epoch=epoch, batch=batch + 1, step=step), **state)
                 run.stopped(step)
