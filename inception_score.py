@@ -1325,6 +1325,9 @@ def main(argv=None):
         chunks = limited(chunks, n, args.offset)
         if wants_is and n < args.splits:
             raise ValueError(f"{args.images}: {n} images, fewer than the {args.splits} splits")
+        if wants_is and n // args.splits == 1:  # p(y) of one image is its own p(y|x): every split scores 1
+            warnings.warn(f"{n} images in {args.splits} splits is one image per split, whose score is exactly 1 "
+                          "whatever the images: give more images or fewer --splits")
         report_skipped(skipped)
         result.update(images=n, skipped=skipped)
         # everything that can fail without running a network, first: the weights, and the cached
@@ -1344,6 +1347,13 @@ def main(argv=None):
         if wants_fid:
             fid_model = load_fid_inception(args.fid_weights, device, channels_last=args.channels_last,
                                            compile=args.compile)
+            if references:  # statistics of another network's features: refused before any image is scored
+                with torch.no_grad():
+                    d = fid_model(torch.zeros(1, 3, 299, 299, device=device)).shape[1]
+                for ref, stats in references.items():
+                    if stats["mu"].shape[0] != d:
+                        raise ValueError(f"{ref} holds statistics of {stats['mu'].shape[0]} features, not the "
+                                         f"{d} of this FID network: make them with --save-stats FILE.npz")
             features = run_network(fid_model, chunks, n, args, fid=True)
             mu, sigma = feature_statistics(features, args.images)
             if args.save_stats:

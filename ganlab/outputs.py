@@ -73,6 +73,9 @@ def save_checkpoint(state, path):
 def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint written by save_checkpoint; a clear CheckpointError if that fails."""
     path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isfile(path):  # a folder, a device (/dev/zero), a FIFO
+        raise CheckpointError(f"checkpoint {path!r} is not a regular file: give the path of a checkpoint.pt "
+                              "written by a previous run, or train without --resume.")
     if not os.path.isfile(path):
         raise CheckpointError(
             f"checkpoint {path!r} does not exist. Give the path of a checkpoint.pt written by a "

@@ -163,3 +163,9 @@ def test_a_checkpoint_holding_nan_is_refused_naming_where(part, capsys, tmp_path
     where = "G_ema.net.0.weight" if part == "G_ema" else "opt_d.state.0.exp_avg_sq"
     assert f"holds NaN or infinite values in {where}" in message
     assert not os.path.exists(tmp_path / "again" / "samples")
+
+
+def test_a_checkpoint_that_is_a_device_is_named_as_such(capsys, tmp_path):
+    os.symlink("/dev/zero", tmp_path / "zero.pt")
+    message = refused(capsys, "dcgan", ["--resume", tmp_path / "zero.pt", "--epochs", 2])
+    assert "is not a regular file" in message and "does not exist" not in message

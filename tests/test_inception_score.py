@@ -576,8 +576,9 @@ def test_cli_limit_and_mixed_sizes(tmp_path, capsys, weights, model):
     chunks, _ = IS.open_images(str(tmp_path / "imgs"), chunk=BATCH * 2)
     shapes = [tuple(b.shape) for b in IS.batches_from(chunks, 0, pin_memory=False)]
     assert shapes == [(2, 3, 32, 32), (1, 3, 48, 48), (1, 3, 32, 32), (1, 3, 32, 32)]
-    result, last, _ = run_cli(capsys, tmp_path / "imgs", "--weights", weights, "--quiet",
-                              "--limit", 4, "--batch-size", BATCH * 2, "--splits", 3)
+    with pytest.warns(UserWarning, match="one image per split, whose score is exactly 1"):
+        result, last, _ = run_cli(capsys, tmp_path / "imgs", "--weights", weights, "--quiet",
+                                  "--limit", 4, "--batch-size", BATCH * 2, "--splits", 3)
     assert result["images"] == 4 and last.endswith("(4 images, 3 splits; the last 1 unused, as in the reference)")
 
 
@@ -1031,6 +1032,20 @@ def test_cli_fid_kid_and_save_stats(tmp_path, capsys, monkeypatch, stand_in_fid)
     with pytest.raises(SystemExit) as e:
         IS.main([str(tmp_path / "samples"), "--kid", str(tmp_path / "mu_sigma.npz"), "--quiet"])
     assert "KID needs the features" in str(e.value.code)
+
+
+def test_statistics_of_other_features_are_refused_before_scoring(tmp_path, monkeypatch, stand_in_fid):
+    no_inception_score(monkeypatch)
+    write_pngs(tmp_path / "samples", make_images(n=4, seed=22))
+    d = stand_in_fid(torch.zeros(1, 3, 299, 299)).shape[1]
+    np.savez(tmp_path / "other.npz", mu=np.zeros(d + 1), sigma=np.eye(d + 1))  # e.g. 768 features of another net
+    calls = []
+    real_forward = stand_in_fid.forward
+    monkeypatch.setattr(stand_in_fid, "forward", lambda x: calls.append(len(x)) or real_forward(x))
+    with pytest.raises(SystemExit) as e:
+        IS.main([str(tmp_path / "samples"), "--fid", str(tmp_path / "other.npz"), "--quiet"])
+    assert f"other.npz holds statistics of {d + 1} features, not the {d} of this FID network" in str(e.value.code)
+    assert calls == [1]  # only the one-image probe ran: no sample was scored
 
 
 def test_cli_dataset_name_and_image_size_read_through_data_py(tmp_path, capsys, monkeypatch, stand_in_fid):
