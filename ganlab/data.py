@@ -567,9 +567,16 @@ def _cached(base, stamp, size, cache_dir, progress, build, limit=None, cache=Tru
 def _zip_images(path):
     try:
         with zipfile.ZipFile(path) as archive:
-            return _list_images(i.filename for i in archive.infolist() if not i.is_dir())
+            entries = [i.filename for i in archive.infolist() if not i.is_dir()]
     except (zipfile.BadZipFile, OSError) as e:
         raise ValueError(f'{path}: unreadable zip file ({e})') from e
+    # names that climb out of the zip (../x.png, /x.png) are never read: say how many, and which
+    outside = [n for n in entries if n.startswith('/') or '..' in n.split('/')]
+    if outside:
+        shown = ', '.join(outside[:3]) + (' ...' if len(outside) > 3 else '')
+        warnings.warn(f'skipped {len(outside)} entries of {path} whose names point outside it: {shown}')
+    outside = set(outside)
+    return _list_images(n for n in entries if n not in outside)
 
 
 def _cache_folder(base, cache_dir):

@@ -147,6 +147,20 @@ def test_png_zip_read_without_unpacking(tmp_path):
     assert_images(load(tmp_path / 'anime' / 'faces.zip', size=32), chw(x[[2, 0, 1]]))
 
 
+def test_zip_entries_pointing_outside_are_counted_and_named(tmp_path):
+    x = logos(2)
+    with zipfile.ZipFile(tmp_path / 'climb.zip', 'w') as z:
+        for k, im in enumerate(x):
+            png = io.BytesIO()
+            Image.fromarray(im).save(png, format='png')
+            z.writestr(f'icons/{k + 1}.png', png.getvalue())
+            z.writestr(f'../../{k + 1}.png', png.getvalue())
+            z.writestr(f'/abs/{k + 1}.png', png.getvalue())
+    with pytest.warns(UserWarning, match=r'skipped 4 entries of .*climb.zip whose names point outside it: ../../1.png'):
+        assert_images(load(tmp_path / 'climb.zip', size=32, cache_dir=tmp_path / 'cache'), chw(x))
+    assert sorted(os.listdir(tmp_path)) == ['cache', 'climb.zip']  # nothing written beside or above it
+
+
 def test_grayscale_rgba_palette_become_rgb(tmp_path):
     g = logos(1)[0, :, :, 0]
     rgb = logos(1, seed=1)[0]
