@@ -26,9 +26,11 @@ so every process takes the same NaN and Ctrl-C decision at the same step.
 import argparse
 import contextlib
 import datetime
+import hashlib
 import inspect
 import os
 import signal
+import tempfile
 import textwrap
 
 import torch
@@ -130,6 +132,49 @@ def _first_nonfinite(value, where=""):
     return None
 
 
+_HELD = {}  # lock file -> its open file: the run folders this process holds (until it ends)
+
+
+def _lock_path(folder):
+    key = hashlib.sha256(os.path.abspath(folder).encode()).hexdigest()[:20]
+    return os.path.join(tempfile.gettempdir(), "ganlab-run-locks", key + ".lock")
+
+
+def _hold_run_folder(folder):
+    """Hold `folder` for this process: an exclusive POSIX lock, which dies with the process, on a
+    lock file named after the folder's absolute path in the temp folder (nothing is written in or
+    beside the run folder). -> None, or what the process that holds it wrote (its PID)."""
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks (Windows): one run per folder is then up to the user
+        return None
+    path = _lock_path(folder)
+    if path in _HELD:
+        return None
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        return holder
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _HELD[path] = f
+    return None
+
+
+def _release_run_folder(folder):
+    """Let `folder` go (the run is over): another process may then hold it."""
+    f = _HELD.pop(_lock_path(folder), None)
+    if f is not None:
+        f.close()  # closing the file gives its lock back
+
+
 def _torchrun():
     """(rank, local rank, world size) when started by torchrun, else None."""
     if "WORLD_SIZE" not in os.environ and "RANK" not in os.environ:
@@ -183,6 +228,10 @@ class Run:
         if launched:
             self.rank, local_rank, self.world = launched
         self.main = self.rank == 0
+        holder = _hold_run_folder(args.out) if self.main else None  # process 0 writes every file
+        if holder:
+            self.error(f"{args.out} is in use by another run (process {holder}): wait for it to end, or choose "
+                       "another --out")
         try:
             device = flags.resolve_device(args.device)
         except ValueError as error:
@@ -488,6 +537,7 @@ class Run:
         launcher = "torchrun <the same launcher flags>" if self.distributed else "python"
         self.print(f"stopped at step {step}; continue with: {launcher} {self.script}.py --resume {self.ckpt_path}")
         self.finish()
+        _release_run_folder(self.args.out)
 
     def finish(self):
         """Close the progress bar, give the signal handlers back, leave the process group."""
@@ -523,9 +573,11 @@ class Run:
         returns a batch of at most count images. Process 0 alone writes them, the same files
         whatever the number of processes."""
         args = self.args
-        if not args.sample or not self.main:
-            return
-        folder, zip_path = write_samples(generate, args.sample, self.samples_dir, force=args.force, zip_name=args.zip)
-        size = args.image_size
-        print(f"wrote {args.sample} samples ({size}x{size} RGB) to {folder}" + (f" and {zip_path}" if zip_path else ""))
+        if args.sample and self.main:
+            folder, zip_path = write_samples(generate, args.sample, self.samples_dir, force=args.force,
+                                             zip_name=args.zip)
+            size = args.image_size
+            print(f"wrote {args.sample} samples ({size}x{size} RGB) to {folder}"
+                  + (f" and {zip_path}" if zip_path else ""))
+        _release_run_folder(args.out)  # the run is over: the folder is free for the next one
 

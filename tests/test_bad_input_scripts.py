@@ -6,11 +6,16 @@ The runs are the tiny in-process ones of test_gan_scripts.py (a few dozen built-
 
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from test_gan_scripts import SCRIPTS, TINY, ckpt, quick, run, trained  # noqa: F401 (fixtures)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def refused(capsys, script, argv):
@@ -169,3 +174,26 @@ def test_a_checkpoint_that_is_a_device_is_named_as_such(capsys, tmp_path):
     os.symlink("/dev/zero", tmp_path / "zero.pt")
     message = refused(capsys, "dcgan", ["--resume", tmp_path / "zero.pt", "--epochs", 2])
     assert "is not a regular file" in message and "does not exist" not in message
+
+
+def test_a_second_run_on_a_held_folder_is_refused_at_once(tmp_path):
+    """Two runs on one --out (issue: the second's checkpoint replaced the first's): while one process
+    trains there, another is refused before any work, naming the process; then the folder is free."""
+    out = tmp_path / "shared"
+    command = [sys.executable, os.path.join(REPO, "dcgan.py"), "--max-images", "64", "--batch-size", "16",
+               "--ngf", "8", "--ndf", "8", "--device", "cpu", "--out", str(out)]
+    first = subprocess.Popen(command + ["--epochs", "500"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(out / "checkpoint.pt") and time.time() < deadline:  # it is training
+            time.sleep(0.2)
+        second = subprocess.run(command + ["--epochs", "1", "--seed", "2", "--force"], capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"is in use by another run (process {first.pid})" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    again = subprocess.run(command + ["--epochs", "1", "--force"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]  # the lock died with its process
