@@ -198,7 +198,8 @@ def main(argv=None):
     args.lr_d = args.lr_d if args.lr_d is not None else 1e-4 if args.gp else 5e-5
 
     # data: every image in one uint8 tensor bank (N, 3, S, S) on the device (none is needed to only
-    # sample a finished run); S is --image-size (when not given: the checkpoint's, else as its help says)
+    # sample a finished run: run.epochs_left, the epochs this command trains, is 0 then); S is
+    # --image-size (when not given: the checkpoint's, else as its help says)
     bank = run.load_images() if run.epochs_left else None
     S = args.image_size
     images_per_step = args.batch_size * args.d_steps
@@ -302,7 +303,7 @@ def main(argv=None):
         with torch.no_grad():
             run.save_grid(G_ema(fixed_z), epoch + 1, step)  # grid.png, and grids/ keeps every epoch's
         run.write(f"epoch {epoch + 1}/{args.epochs}: step {step}, {args.out}/grid.png, {run.ckpt_path}")
-    run.finish()
+    run.finish()  # the progress bar closed, Ctrl-C back to Python's, torchrun's process group left
 
     # samples from the averaged G, in fp32 (bf16 keeps 8 bits of mantissa: a grey level of error)
     if not run.epochs_left:  # sampling a finished run (maybe into a new --out): its grid too
