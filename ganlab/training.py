@@ -151,8 +151,11 @@ def _hold_run_folder(folder):
     path = _lock_path(folder)
     if path in _HELD:
         return None
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    f = open(path, "a+")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        f = open(path, "a+")
+    except OSError:  # a temp folder this user cannot write (another user's lock folder): no lock
+        return None
     try:
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
