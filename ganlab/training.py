@@ -29,6 +29,7 @@ import datetime
 import hashlib
 import inspect
 import os
+import re
 import signal
 import tempfile
 import textwrap
@@ -171,6 +172,25 @@ def _hold_run_folder(folder):
     return None
 
 
+def _remove_leftovers(folder):
+    """Delete the temporary files that killed runs left in `folder` (and its grids/, samples/): only
+    the kind outputs.py writes (.NAME.xxxxxxxx.tmp, renamed to NAME when whole), only when this
+    process holds the folder. -> how many were removed."""
+    if _lock_path(folder) not in _HELD:
+        return 0
+    removed = 0
+    for sub in (folder, os.path.join(folder, "grids"), os.path.join(folder, "samples")):
+        try:
+            names = os.listdir(sub)
+        except OSError:
+            continue
+        for name in names:
+            if re.fullmatch(r"\.[^/]+\.[a-z0-9_]{8}\.tmp", name) and os.path.isfile(os.path.join(sub, name)):
+                os.remove(os.path.join(sub, name))
+                removed += 1
+    return removed
+
+
 def _release_run_folder(folder):
     """Let `folder` go (the run is over): another process may then hold it."""
     f = _HELD.pop(_lock_path(folder), None)
@@ -235,6 +255,9 @@ class Run:
         if holder:
             self.error(f"{args.out} is in use by another run (process {holder}): wait for it to end, or choose "
                        "another --out")
+        leftovers = _remove_leftovers(args.out) if self.main else 0
+        if leftovers:
+            self.print(f"removed {leftovers} temporary file(s) that a killed run left in {args.out}")
         try:
             device = flags.resolve_device(args.device)
         except ValueError as error:
@@ -409,6 +432,10 @@ class Run:
         except (FileNotFoundError, ValueError, OSError) as error:  # unknown name, missing or unreadable files
             self.error(str(error))
         bank = bank[: args.max_images].contiguous() if args.max_images else bank
+        if args.image_size is None and bank.shape[-1] < 8:  # the size came from the data's first image
+            self.error(f"{args.data}: its images came out {bank.shape[-1]}x{bank.shape[-1]}, the size of its first "
+                       "image (used when --image-size is not given; a folder of mixed sizes?): give --image-size N, "
+                       "e.g. 32, to resize them all")
         args.image_size = args.image_size or bank.shape[-1]
         return bank.to(self.device)
 

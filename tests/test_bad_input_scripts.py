@@ -16,6 +16,9 @@ import torch
 from test_gan_scripts import SCRIPTS, TINY, ckpt, quick, run, trained  # noqa: F401 (fixtures)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ganlab import data  # noqa: E402
+
+real_load_images = data.load_images  # before any test patches it
 
 
 def refused(capsys, script, argv):
@@ -197,3 +200,16 @@ def test_a_second_run_on_a_held_folder_is_refused_at_once(tmp_path):
         first.wait()
     again = subprocess.run(command + ["--epochs", "1", "--force"], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]  # the lock died with its process
+
+
+def test_a_tiny_first_image_is_named_as_the_source_of_the_size(capsys, tmp_path, monkeypatch):
+    from PIL import Image
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.new("RGB", (1, 1), (200, 0, 0)).save(folder / "0.png")
+    for k in range(1, 5):
+        Image.new("RGB", (32, 32) if k % 2 else (40, 30), (0, 0, 200)).save(folder / f"{k}.png")
+    monkeypatch.setattr(data, "load_images", real_load_images)  # the real reader, not the tests' built-in set
+    message = refused(capsys, "dcgan", ["--data", folder, "--out", tmp_path / "run", "--epochs", 1])
+    assert "came out 1x1, the size of its first image" in message and "--image-size N" in message
+    assert "give 3 to 7 times" not in message

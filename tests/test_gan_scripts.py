@@ -474,3 +474,16 @@ def test_the_built_in_set_takes_its_own_defaults_and_a_given_flag_wins(script, t
     assert "with --data shapes (the built-in icons, the default) these defaults change: --max-images 5000" in help_text
     assert "(default: None)" not in help_text
     assert f"python {script}.py --sample 1000" in help_text and "Everything goes to --out" in help_text  # an example
+
+
+def test_a_new_run_removes_the_temporary_files_a_killed_run_left(tmp_path, capsys):
+    folder = tmp_path / "run"
+    (folder / "samples").mkdir(parents=True)
+    left = [folder / ".checkpoint.pt.k3j_9x2a.tmp", folder / ".curves.png.0a1b2c3d.tmp",
+            folder / "samples" / ".17.png.zz99yy88.tmp"]
+    others = [folder / "notes.tmp", folder / ".keep", folder / "samples" / "mine.png.tmp"]
+    for path in left + others:
+        path.write_bytes(b"x" * 100)
+    run("dcgan", tmp_path, "--epochs", 1)
+    assert "removed 3 temporary file(s) that a killed run left in" in capsys.readouterr().out
+    assert not any(path.exists() for path in left) and all(path.exists() for path in others)
