@@ -251,7 +251,7 @@ def main(argv=None):
             # there stops the run (SystemExit), keeping the last good checkpoint
             run.log(step, epoch, loss_D=loss_d, loss_G=loss_g, D_x=torch.sigmoid(d_real.float()).mean(),
                     D_G_z=torch.sigmoid(d_fake.float()).mean())
-            if run.stop_requested(step):  # Ctrl-C or SIGTERM: a checkpoint to resume from, then stop
+            if run.stop_requested():  # Ctrl-C or SIGTERM: a checkpoint to resume from, then stop
                 run.save(dict(epoch=epoch, batch=batch + 1, step=step), **state)
                 run.stopped(step)
                 return

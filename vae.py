@@ -405,7 +405,7 @@ def main(argv=None):
 
             # the curves: kept on the device, fetched every --log-every steps (one transfer); a NaN stops
             run.log(step, epoch, neg_elbo=loss, recon=recon, kl=kl, scale=torch.exp(log_scale))
-            if run.stop_requested(step):  # Ctrl-C or SIGTERM: a checkpoint to resume from, then stop
+            if run.stop_requested():  # Ctrl-C or SIGTERM: a checkpoint to resume from, then stop
                 seconds += time.time() - started
                 run.save(dict(epoch=epoch, batch=batch + 1, step=step, seconds=seconds, history=history),
                          model=model, optimizer=optimizer)

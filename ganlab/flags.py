@@ -29,6 +29,8 @@ import os
 
 import torch
 
+from ganlab.fused_op import DIFFAUG_POLICIES
+
 
 def help_from_docstring(doc):
     """A script's --help text from its docstring: the title, the example commands, and the paragraph
@@ -51,7 +53,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def diffaug_policy(text):
     """--diffaug: 'none', or a comma-separated subset of color, translation, cutout -> that text."""
     chosen = {part.strip() for part in text.split(",")} - {""}
-    unknown = chosen - {"color", "translation", "cutout", "none"}
+    unknown = chosen - set(DIFFAUG_POLICIES) - {"none"}
     if unknown or not chosen or ("none" in chosen and len(chosen) > 1):
         raise argparse.ArgumentTypeError(f"give none, or some of color,translation,cutout, got {text!r}")
     return text

@@ -378,6 +378,9 @@ class DiffAugParams(NamedTuple):
     cutout: torch.Tensor       # (B, 4) int64 (top, left, bottom, right): zeroed, may overhang
 
 
+DIFFAUG_POLICIES = ("color", "translation", "cutout")  # the parts of DiffAugment a policy names
+
+
 def random_diffaug(batch, height, width, policy="color,translation,cutout", generator=None,
                    device=None):
     """Draw DiffAugment parameters with the published distributions (Zhao et al. 2020).
@@ -386,7 +389,7 @@ def random_diffaug(batch, height, width, policy="color,translation,cutout", gene
     identity. Drawn on the CPU from `generator`, moved to `device` asynchronously.
     """
     chosen = {p.strip() for p in policy.split(",") if p.strip()}
-    unknown = chosen - {"color", "translation", "cutout"}
+    unknown = chosen - set(DIFFAUG_POLICIES)
     if unknown:
         raise ValueError(f"diffaug policy: unknown {sorted(unknown)}; use color,translation,cutout")
     u = torch.rand(batch, 3, generator=generator)

@@ -36,12 +36,22 @@ os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK  # what open() would give a new file
 
 
+def _temporary_file(folder, name):
+    """A new temp file in `folder` for the file `name`: .NAME.xxxxxxxx.tmp, renamed to NAME when whole."""
+    return tempfile.mkstemp(dir=folder, prefix="." + name + ".", suffix=".tmp")
+
+
+def is_temporary_file(name):
+    """Whether `name` is one of _temporary_file's: what a killed run leaves behind."""
+    return re.fullmatch(r"\.[^/]+\.[a-z0-9_]{8}\.tmp", name) is not None
+
+
 def atomic_write(path, write):
     """Call write(file) on a temp file beside `path`, fsync it, then rename it to `path`."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    fd, tmp = _temporary_file(folder, os.path.basename(path))
     try:
         os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -195,7 +205,7 @@ def write_samples(images, n, folder, force=False, zip_name=None, zip_dir=None):
     try:
         if zip_path is not None:
             os.makedirs(zip_dir, exist_ok=True)
-            fd, tmp_zip = tempfile.mkstemp(dir=zip_dir, prefix="." + zip_name + ".zip.", suffix=".tmp")
+            fd, tmp_zip = _temporary_file(zip_dir, zip_name + ".zip")
             os.close(fd)
             os.chmod(tmp_zip, _FILE_MODE)
             # PNGs are compressed already: store them as they are

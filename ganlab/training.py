@@ -12,7 +12,7 @@ updates) and call this module in one line where something of the machinery happe
     run.share(x)                     this process's part of a batch that every process drew whole
     run.restore(...) / run.save(...) checkpoints: exact resume (weights, optimizers, random states)
     run.log(step, loss=...)          curves and progress bar, every --log-every steps; NaN stop
-    run.stop_requested(step)         True after Ctrl-C or SIGTERM: save and stop
+    run.stop_requested()             True after Ctrl-C or SIGTERM: save and stop
     ema_update(G_ema, G, decay)      the moving average of G's weights that samples come from
     parse_augment(spec)              --augment's value -> fused_op.random_affine's arguments
 
@@ -29,7 +29,6 @@ import datetime
 import hashlib
 import inspect
 import os
-import re
 import signal
 import tempfile
 import textwrap
@@ -40,7 +39,8 @@ from tqdm import tqdm
 
 from ganlab import data
 from ganlab import flags
-from ganlab.outputs import CheckpointError, CurveLog, load_checkpoint, save_checkpoint, save_grid, write_samples
+from ganlab.outputs import (CheckpointError, CurveLog, is_temporary_file, load_checkpoint, save_checkpoint,
+                            save_grid, write_samples)
 
 # settings that belong to one command, never taken from a checkpoint
 PER_COMMAND = ["resume", "out", "sample", "zip", "force", "device", "compile", "sync_batchnorm"]
@@ -174,7 +174,7 @@ def _hold_run_folder(folder):
 
 def _remove_leftovers(folder):
     """Delete the temporary files that killed runs left in `folder` (and its grids/, samples/): only
-    the kind outputs.py writes (.NAME.xxxxxxxx.tmp, renamed to NAME when whole), only when this
+    the kind outputs.py writes (outputs.is_temporary_file), only when this
     process holds the folder. -> how many were removed."""
     if _lock_path(folder) not in _HELD:
         return 0
@@ -185,7 +185,7 @@ def _remove_leftovers(folder):
         except OSError:
             continue
         for name in names:
-            if re.fullmatch(r"\.[^/]+\.[a-z0-9_]{8}\.tmp", name) and os.path.isfile(os.path.join(sub, name)):
+            if is_temporary_file(name) and os.path.isfile(os.path.join(sub, name)):
                 os.remove(os.path.join(sub, name))
                 removed += 1
     return removed
@@ -286,6 +286,7 @@ class Run:
         self.curves = CurveLog(every=args.log_every, groups=curve_groups,
                                reduce=self._average if self.world > 1 else None)  # the mean over the processes
         self._stop, self._saved, self._bar, self._handlers, self._wrapped = [], None, None, {}, []
+        self._last_step, self._fetched = None, False
 
     # -------------------------------------------------------------------------
     # the command line
@@ -533,18 +534,19 @@ class Run:
         """Record this step's losses (0-dim tensors, left on the device); every --log-every steps
         fetch them (averaged over the processes), update the progress bar and stop on a NaN."""
         shown = self.curves.append(step, **values)
-        self._last_step = step
+        self._last_step, self._fetched = step, shown is not None
         if shown:
             self._stop_if_nonfinite()
             self._bar.update(step * self._images_per_step - self._bar.n)
             self._bar.set_postfix_str(f"epoch {epoch + 1} " + " ".join(f"{k} {v:.3f}" for k, v in shown.items()))
 
-    def stop_requested(self, step):
+    def stop_requested(self):
         """True when the run must stop after this step: Ctrl-C or SIGTERM came. Under torchrun every
-        process decides at the same --log-every step (one all_reduce there, nothing in between)."""
+        process decides at the step whose losses log() just fetched, the one host sync every
+        --log-every steps (one all_reduce there, nothing in between)."""
         if self.world == 1:
             return bool(self._stop)
-        if step % self.args.log_every:
+        if not self._fetched:
             return False
         stop = torch.tensor([float(bool(self._stop))], device=self.device)
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
@@ -572,7 +574,7 @@ class Run:
     def finish(self):
         """Close the progress bar, give the signal handlers back, leave the process group."""
         if self._bar is not None:
-            if getattr(self, "_last_step", None) is not None:  # steps after the last --log-every one
+            if self._last_step is not None:  # steps after the last --log-every one
                 self._bar.update(self._last_step * self._images_per_step - self._bar.n)
             self._bar.close()
         for sig, handler in self._handlers.items():
