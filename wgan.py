@@ -297,8 +297,8 @@ def main(argv=None):
                     D_G_z=d_fake.float().mean())
             if run.stop_requested():  # Ctrl-C or SIGTERM: a checkpoint to resume from, then stop
                 run.save(dict(epoch=epoch, batch=batch + 1, step=step), **state)
-                run.stopped(step)
-                return
+                run.stopped(step)  # says how to resume; closes the progress bar, frees the folder
+                return  # no samples: the run has not finished
         run.save(dict(epoch=epoch + 1, batch=0, step=step), **state)  # checkpoint.pt, curves.csv/png
         with torch.no_grad():
             run.save_grid(G_ema(fixed_z), epoch + 1, step)  # grid.png, and grids/ keeps every epoch's
@@ -311,9 +311,9 @@ def main(argv=None):
             run.save_grid(G_ema(fixed_z))
     sample_gen = torch.Generator().manual_seed(args.seed + 1)
 
-    def generate(count):  # at most 500 at a time: G's BatchNorm normalizes over the batch it is given
-        with torch.no_grad():
-            return to_uint8(G_ema(torch.randn(min(count, 500), args.nz, 1, 1, generator=sample_gen).to(device)))
+    def generate(count):  # always batches of 500, the last one cut to count: G's BatchNorm normalizes
+        with torch.no_grad():  # over the batch it is given, so a batch of a few images would be off
+            return to_uint8(G_ema(torch.randn(500, args.nz, 1, 1, generator=sample_gen).to(device)))[:count]
 
     run.write_samples(generate)
 

@@ -487,3 +487,14 @@ def test_a_new_run_removes_the_temporary_files_a_killed_run_left(tmp_path, capsy
     run("dcgan", tmp_path, "--epochs", 1)
     assert "removed 3 temporary file(s) that a killed run left in" in capsys.readouterr().out
     assert not any(path.exists() for path in left) and all(path.exists() for path in others)
+
+
+def test_a_sample_does_not_depend_on_how_many_are_asked_for(trained, tmp_path):
+    # G's BatchNorm normalizes over the batch it is given: every batch is 500, the last one cut, so
+    # image 501 of --sample 501 (once a batch of 1) is image 501 of --sample 510
+    for n in (501, 510):
+        run("dcgan", tmp_path, "--resume", os.path.join(trained, "checkpoint.pt"), "--epochs", 1, "--sample", n,
+            out=f"n{n}", tiny=False)
+    for k in (1, 500, 501):
+        assert (tmp_path / "n501" / "samples" / f"{k}.png").read_bytes() == \
+               (tmp_path / "n510" / "samples" / f"{k}.png").read_bytes(), k
