@@ -1,6 +1,6 @@
 """DCGAN: the original GAN objective on deep convolutional networks (Radford et al. 2015).
 
-    python dcgan.py --sample 1000          # the built-in icons, about 2 CPU-minutes (SHAPES_DEFAULTS below)
+    python dcgan.py --sample 1000          # the built-in icons, about 2 CPU-minutes (DATA_DEFAULTS below)
     python dcgan.py --data lld --sample 50000 --zip NAME      # the logo hand-in: NAME.zip of 1.png ... 50000.png
     torchrun --standalone --nproc-per-node 8 dcgan.py --data lld --epochs 20 --sample 50000   # 8 GPUs
 
@@ -53,10 +53,12 @@ group.add_argument("--diffaug", type=flags.diffaug_policy, default="none",
 # and the flags every script shares: data, epochs, batch size, seed, device, output, resume
 training.add_run_flags(parser, epochs=25, batch_size=128)
 MUST_MATCH = ["image_size", "nz", "ngf", "ndf"]  # a checkpoint only fits networks of the same shapes
-# the built-in icons (--data shapes, the default) train in about 2 CPU-minutes with these instead of
-# the paper's settings above (measured: docs/results.md); a flag given on the command line wins
-SHAPES_DEFAULTS = dict(max_images=5000, epochs=24, batch_size=64, ngf=24, ndf=16, lr_g=1e-3, lr_d=1e-3, ema=0.99,
-                       augment="flip", diffaug="color,translation")
+# per data set, the settings that differ from the paper's above (measured: docs/results.md); a flag given
+# on the command line wins. shapes: the built-in icons train in about 2 CPU-minutes with these
+DATA_DEFAULTS = {
+    "shapes": dict(max_images=5000, epochs=24, batch_size=64, ngf=24, ndf=16, lr_g=1e-3, lr_d=1e-3, ema=0.99,
+                   augment="flip", diffaug="color,translation"),
+}
 
 # -----------------------------------------------------------------------------
 # the networks
@@ -159,9 +161,9 @@ def g_loss(d_gen, kind):
 
 def main(argv=None):
     # the command line, checked before any work (see training.Run: the checkpoint's settings on
-    # --resume, SHAPES_DEFAULTS for the built-in set, the device, the seed, torchrun's processes)
+    # --resume, DATA_DEFAULTS for the built-in set, the device, the seed, torchrun's processes)
     run = training.Run(parser, argv, __file__, MUST_MATCH, curve_groups=[["loss_D", "loss_G"], ["D_x", "D_G_z"]],
-                       shapes_defaults=SHAPES_DEFAULTS)
+                       data_defaults=DATA_DEFAULTS)
     args, device = run.args, run.device
 
     # data: every image in one uint8 tensor bank (N, 3, S, S) on the device (none is needed to only
@@ -253,8 +255,7 @@ def main(argv=None):
                     D_G_z=torch.sigmoid(d_fake.float()).mean())
             if run.stop_requested():  # Ctrl-C or SIGTERM: a checkpoint to resume from, then stop
                 run.save(dict(epoch=epoch, batch=batch + 1, step=step), **state)
-                run.stopped(step)  # says how to resume; closes the progress bar, frees the folder
-                return  # no samples: the run has not finished
+                run.stopped(step)  # says how to resume, then exits 130 (143 on SIGTERM): no samples
         run.save(dict(epoch=epoch + 1, batch=0, step=step), **state)  # checkpoint.pt, curves.csv/png
         with torch.no_grad():
             run.save_grid(G_ema(fixed_z), epoch + 1, step)  # grid.png, and grids/ keeps every epoch's

@@ -98,6 +98,7 @@ WEIGHTS_SHA256 = "0cc3c7bd75056d25e46cba549dc184522069b81e9787eff6df84f397bd52a5
 WEIGHTS_BYTES = 108_949_747
 INPUT_SIZE = 299        # the resolution the network was trained at; every image is resized to it
 MIN_SIZE = 75           # the smallest input the network can take (its last strided conv needs 3x3)
+MAX_PIXELS = 2 ** 26    # an image may have at most this many pixels (8192 x 8192): --max-pixels
 NUM_CLASSES = 1000
 # FID's network, two files of the same weights (issue 12): pytorch-fid's port of the TF graph,
 # downloaded into torch.hub's cache (its name carries the first 8 hex digits of its SHA-256,
@@ -891,6 +892,7 @@ class ImageChunks(torch.utils.data.Dataset):
         self.source, self.names, self.array, self.chunk = source, names, array, chunk
         self.in_zip = names is not None and not os.path.isdir(source)
         self.zip, self.zip_pid = None, None
+        self.max_pixels = MAX_PIXELS  # the cap as it is when the images are opened (workers get a copy)
 
     def __getstate__(self):
         # workers started by spawn get a pickled copy: without the open zip, they open their own
@@ -911,8 +913,15 @@ class ImageChunks(torch.utils.data.Dataset):
                 # file offset, and concurrent reads through it would interleave
                 if self.zip_pid != os.getpid():
                     self.zip, self.zip_pid = zipfile.ZipFile(self.source), os.getpid()
+                unpacked = self.zip.getinfo(name).file_size
+                if unpacked > 8 * self.max_pixels:  # read whole into memory: check before
+                    raise ValueError(f"{unpacked:,} bytes unpacked, above the cap of {8 * self.max_pixels:,} "
+                                     f"(8 bytes a pixel of --max-pixels {self.max_pixels})")
                 f = io.BytesIO(self.zip.read(name))
             with Image.open(f) as im:
+                if im.width * im.height > self.max_pixels:  # from the header, before the pixels are decoded
+                    raise ValueError(f"{im.width}x{im.height} is {im.width * im.height:,} pixels, above the "
+                                     f"cap of --max-pixels {self.max_pixels}")
                 return to_rgb8(im)
         except Exception as e:
             return BadImage(f"cannot decode image {os.path.join(self.source, name)} "
@@ -931,6 +940,13 @@ class ImageChunks(torch.utils.data.Dataset):
                 for _, run in itertools.groupby(images, key=lambda im: im.shape)]
 
 
+def _is_folder(entry):
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def open_images(path, chunk=200):
     """An ImageChunks over `path` and the list of entries skipped as not images."""
     if not os.path.exists(path):
@@ -941,10 +957,14 @@ def open_images(path, chunk=200):
     if os.path.isdir(path):
         names, skipped, folders = [], [], []
         for entry in os.scandir(path):
-            if entry.is_file() and is_image_name(entry.name) and not entry.name.startswith("."):
+            try:
+                is_file = entry.is_file()
+            except OSError:  # a link loop (x.png -> y.png -> x.png): skipped, named with the others
+                is_file = False
+            if is_file and is_image_name(entry.name) and not entry.name.startswith("."):
                 names.append(entry.name)
             else:
-                (folders if entry.is_dir() else skipped).append(entry.name)
+                (folders if _is_folder(entry) else skipped).append(entry.name)
         if not names:
             hint = (f"; it holds {len(folders)} folder(s): {', '.join(sorted(folders)[:3])} "
                     f"(point at the folder that holds 1.png ... N.png)") if folders else ""
@@ -1200,6 +1220,8 @@ def parse_args(argv=None):
                    "square, resized once); default: dataset names at their own size, files as they are")
     g.add_argument("--data-root", default=None, metavar="DIR", help="where the dataset names lld and "
                    "anime are looked for (data.py's default: $GANLAB_DATA, else data/)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="refuse images of more pixels than "
+                   "this, before decoding them (a small PNG can unpack to gigabytes) (default: %(default)s)")
     g.add_argument("--kid-subsets", type=int, default=100, help="KID: random subsets (default: 100)")
     g.add_argument("--kid-subset-size", type=int, default=1000, help="KID: images per subset, at most "
                    "the smaller set's size (default: 1000)")
@@ -1213,7 +1235,7 @@ def check_args(parser, args):
     """Usage errors, all before any work: parser.error names the flag (exit status 2)."""
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--splits", args.splits, 1),
                                ("--limit", args.limit, 1), ("--offset", args.offset, 0),
-                               ("--workers", args.workers, 0),
+                               ("--workers", args.workers, 0), ("--max-pixels", args.max_pixels, 1),
                                ("--kid-subsets", args.kid_subsets, 1), ("--kid-subset-size", args.kid_subset_size, 2),
                                ("--image-size", args.image_size, 1)):
         if value is not None and value < least:
@@ -1309,6 +1331,8 @@ def write_json(path, result):
 
 def main(argv=None):
     args = parse_args(argv)
+    global MAX_PIXELS
+    MAX_PIXELS = Image.MAX_IMAGE_PIXELS = args.max_pixels  # Pillow's own bomb check follows the cap
     # warnings as one plain line, not a source listing
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     args.batch_size = args.batch_size or default_batch_size(args.device)

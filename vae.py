@@ -1,6 +1,6 @@
 """A convolutional variational autoencoder (Kingma & Welling 2014), one file, top to bottom.
 
-    python vae.py                         # the built-in icons, 32x32, about 3 CPU-minutes (SHAPES_DEFAULTS below)
+    python vae.py                         # the built-in icons, 32x32, about 3 CPU-minutes (DATA_DEFAULTS below)
     python vae.py --data anime --image-size 64 --epochs 30                # the anime faces at 64x64
     python vae.py --resume out/vae-anime/checkpoint.pt --epochs 0 --sample 50000 --zip vae_img
     torchrun --standalone --nproc-per-node 8 vae.py --data anime --epochs 30                  # 8 GPUs
@@ -56,9 +56,11 @@ group.add_argument("--holdout", type=flags.positive_float, default=0.05,
 training.add_run_flags(parser, epochs=20, batch_size=64, augment="flip", what_samples="decoded prior samples")
 # a checkpoint only fits networks of the same shapes, and its held-out numbers the same split
 MUST_MATCH = ["image_size", "latent", "width", "data", "max_images", "holdout"]
-# the built-in icons (--data shapes, the default) with these instead (about 3 CPU-minutes; measured:
-# docs/results.md); a flag given on the command line wins
-SHAPES_DEFAULTS = dict(max_images=5000, epochs=24, latent=8)
+# per data set, the settings that differ from the defaults above (measured: docs/results.md); a flag given
+# on the command line wins. shapes: the built-in icons, about 3 CPU-minutes
+DATA_DEFAULTS = {
+    "shapes": dict(max_images=5000, epochs=24, latent=8),
+}
 
 # -----------------------------------------------------------------------------
 # the model
@@ -66,13 +68,14 @@ SHAPES_DEFAULTS = dict(max_images=5000, epochs=24, latent=8)
 
 def feature_sizes(image_size):
     """Spatial sizes through the encoder, halving while the side is even and at least 8: 32 -> [32, 16,
-    8, 4]; 96 -> [96, 48, 24, 12, 6]. The decoder doubles back through them: (3 to 7) x 2^k exactly."""
+    8, 4]; 96 -> [96, 48, 24, 12, 6]. The decoder doubles back through them to the image exactly."""
     sizes = [image_size]
     while sizes[-1] >= 8 and sizes[-1] % 2 == 0:
         sizes.append(sizes[-1] // 2)
-    if image_size < 8 or sizes[-1] > 7:
-        raise ValueError(f"--image-size {image_size} cannot be halved down to 4 to 7 pixels: use a size "
-                         "like 16, 24, 32, 48, 64 or 96 (3 to 7 times a power of 2, at least 8)")
+    # the sizes the GAN scripts take too (their start_size), so that every model trains on the same data
+    if image_size not in {m * 2 ** k for m in range(3, 8) for k in range(2, 12)}:
+        raise ValueError(f"--image-size {image_size}: give 3 to 7 times a power of 2 of at least 4, "
+                         "such as 16, 24, 32, 48, 64 or 96")
     return sizes
 
 
@@ -323,9 +326,9 @@ def heldout_count(n, holdout):
 
 def main(argv=None):
     """Train (or with --epochs 0 only measure and sample); returns the final held-out numbers, the settings."""
-    # the command line, checked before any work (training.Run: checkpoint settings, SHAPES_DEFAULTS, device, seed)
+    # the command line, checked before any work (training.Run: checkpoint settings, DATA_DEFAULTS, device, seed)
     run = training.Run(parser, argv, __file__, MUST_MATCH, curve_groups=[["neg_elbo"], ["recon"], ["kl"]],
-                       shapes_defaults=SHAPES_DEFAULTS)
+                       data_defaults=DATA_DEFAULTS)
     args, device, B = run.args, run.device, run.args.batch_size
     if args.holdout >= 1:
         run.error(f"--holdout {args.holdout}: give the fraction of the images to hold out, between 0 and 1")
@@ -409,8 +412,7 @@ def main(argv=None):
                 seconds += time.time() - started
                 run.save(dict(epoch=epoch, batch=batch + 1, step=step, seconds=seconds, history=history),
                          model=model, optimizer=optimizer)
-                run.stopped(step)
-                return None
+                run.stopped(step)  # says how to resume, then exits 130 (143 on SIGTERM): no samples
         # end of an epoch: the training means over its steps, the held-out numbers, a checkpoint, figures
         seconds += time.time() - started
         train_mean = run.curves.means_after(epoch_start)  # the mean of each curve over this epoch's steps

@@ -1,6 +1,6 @@
 """WGAN: the Wasserstein GAN (Arjovsky et al. 2017) and WGAN-GP (Gulrajani et al. 2017).
 
-    python wgan.py --sample 1000           # the built-in icons: WGAN-GP, CPU minutes (SHAPES_DEFAULTS below)
+    python wgan.py --sample 1000           # the built-in icons: WGAN-GP, CPU minutes (DATA_DEFAULTS below)
     python wgan.py --data lld              # the paper's WGAN: weight clipping, RMSprop, 5 critic steps
     torchrun --standalone --nproc-per-node 8 wgan.py --gp 10 --data lld --epochs 20 --sample 50000   # 8 GPUs
 
@@ -64,11 +64,13 @@ group.add_argument("--diffaug", type=flags.diffaug_policy, default="none",
 # and the flags every script shares: data, epochs, batch size, seed, device, output, resume
 training.add_run_flags(parser, epochs=25, batch_size=64)
 MUST_MATCH = ["image_size", "nz", "ngf", "ndf", "gp"]  # a checkpoint only fits the same networks (--gp: no BatchNorm)
-# the built-in icons (--data shapes, the default) train with these instead of the paper's settings:
-# WGAN-GP with one critic step and a higher learning rate learns in CPU minutes (measured:
-# docs/results.md); a flag given on the command line wins
-SHAPES_DEFAULTS = dict(max_images=5000, epochs=24, batch_size=64, ngf=24, ndf=16, ema=0.99, gp=10.0, d_steps=1,
-                       lr_g=1e-3, lr_d=1e-3, augment="flip", diffaug="color,translation")
+# per data set, the settings that differ from the paper's above (measured: docs/results.md); a flag given
+# on the command line wins. shapes: WGAN-GP with one critic step and a higher learning rate learns the
+# built-in icons in CPU minutes
+DATA_DEFAULTS = {
+    "shapes": dict(max_images=5000, epochs=24, batch_size=64, ngf=24, ndf=16, ema=0.99, gp=10.0, d_steps=1,
+                   lr_g=1e-3, lr_d=1e-3, augment="flip", diffaug="color,translation"),
+}
 
 # -----------------------------------------------------------------------------
 # the networks
@@ -190,9 +192,9 @@ def gradient_penalty(D, real, fake, e, autocast):
 
 def main(argv=None):
     # the command line, checked before any work (see training.Run: the checkpoint's settings on
-    # --resume, SHAPES_DEFAULTS for the built-in set, the device, the seed, torchrun's processes)
+    # --resume, DATA_DEFAULTS for the built-in set, the device, the seed, torchrun's processes)
     run = training.Run(parser, argv, __file__, MUST_MATCH, curve_groups=[["loss_D", "loss_G"], ["D_x", "D_G_z"]],
-                       shapes_defaults=SHAPES_DEFAULTS)
+                       data_defaults=DATA_DEFAULTS)
     args, device = run.args, run.device
     args.lr_g = args.lr_g if args.lr_g is not None else 1e-4 if args.gp else 5e-5
     args.lr_d = args.lr_d if args.lr_d is not None else 1e-4 if args.gp else 5e-5
@@ -297,8 +299,7 @@ def main(argv=None):
                     D_G_z=d_fake.float().mean())
             if run.stop_requested():  # Ctrl-C or SIGTERM: a checkpoint to resume from, then stop
                 run.save(dict(epoch=epoch, batch=batch + 1, step=step), **state)
-                run.stopped(step)  # says how to resume; closes the progress bar, frees the folder
-                return  # no samples: the run has not finished
+                run.stopped(step)  # says how to resume, then exits 130 (143 on SIGTERM): no samples
         run.save(dict(epoch=epoch + 1, batch=0, step=step), **state)  # checkpoint.pt, curves.csv/png
         with torch.no_grad():
             run.save_grid(G_ema(fixed_z), epoch + 1, step)  # grid.png, and grids/ keeps every epoch's

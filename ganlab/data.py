@@ -37,6 +37,7 @@ import multiprocessing
 import numbers
 import os
 import pickle
+import signal
 import sys
 import tempfile
 import time
@@ -54,6 +55,10 @@ LLD_URL = 'https://data.vision.ee.ethz.ch/sagea/lld/'
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
 CHUNK_BYTES = 32 * 2**20  # pixels a decoding worker hands back at a time
 CACHE_VERSION = 1  # bump when decoding changes (filter, crop, colours): old caches are then rebuilt
+# The most pixels one image may have (8192 x 8192), checked from its header before it is decoded: a 2 MB
+# PNG can unpack to a 12000 x 12000 image (432 MB); a zip entry may unpack to at most 8 bytes a pixel of it.
+# The scripts' --max-pixels sets it (set_max_pixels).
+MAX_PIXELS = 2 ** 26
 
 MISSING = {
     'lld': ("LLD-icon not found in {folder}/. Download LLD-icon.hdf5 (or the LLD-icon PKL files "
@@ -73,7 +78,8 @@ def load_images(name_or_path='shapes', root=None, size=None, *, n=20000, seed=0,
 
     name_or_path: 'shapes', 'lld', 'anime', or a folder, .zip, .hdf5 or .pkl file.
     size: side in pixels; None gives 32 for 'shapes' and 'lld', 64 for 'anime', an .hdf5/.pkl file's own
-      size, and for any other folder or zip its own: its first readable image's shorter side (native_size).
+      size, and for any other folder or zip its own: its images' shorter side, which the first 16 readable
+      ones must agree on (native_size).
     n, seed: how many 'shapes' icons, and their seed.
     limit: make or read only the first `limit` images (the scripts' --max-images): the first `limit` image
       files of a folder or zip in name order (fewer come back if some are unreadable), the first rows of an
@@ -177,7 +183,7 @@ def format_bytes(nbytes):
 
 def native_size(name_or_path, root=None):
     """The side load_images should ask for to keep a set's own resolution: 32 for 'shapes', the
-    shorter side of the first readable image in a folder or zip (what fit_image's centre crop keeps),
+    shorter side of the images in a folder or zip (what fit_image's centre crop keeps; they must agree),
     and None for .hdf5/.pkl files, whose arrays load_images already keeps at their own size."""
     name_or_path = os.fspath(name_or_path)
     _check_request(name_or_path, root, None, None, 1)
@@ -189,19 +195,28 @@ def native_size(name_or_path, root=None):
     return _first_image_side(kind, paths[0], _image_names(kind, paths[0])[0])
 
 
-def _first_image_side(kind, base, names):
-    """The shorter side of the first image in `names` that opens (only its header is read); unreadable
-    ones are passed over, as decoding passes over them."""
-    first_error = None
+def _first_image_side(kind, base, names, look=16):
+    """The shorter side of the first images in `names` that open (only their headers are read); unreadable
+    ones are passed over, as decoding passes over them. Of the first `look` that open, the shorter sides
+    must agree: a folder of mixed sizes has no size of its own (ValueError naming what was found and the
+    flag that sets the size)."""
+    first_error, seen = None, {}
+    opened = 0
     for name in names:
         try:
-            if kind == 'folder':
-                with Image.open(os.path.join(base, name)) as im:
-                    return min(im.size)
-            with zipfile.ZipFile(base) as archive, archive.open(name) as f, Image.open(f) as im:
-                return min(im.size)
-        except (OSError, Image.DecompressionBombError, zipfile.BadZipFile) as e:
+            with open_checked(kind, base, name) as im:
+                seen.setdefault(min(im.size), (name, im.size))  # the centre square's side
+                opened += 1
+        except (OSError, ValueError, Image.DecompressionBombError, zipfile.BadZipFile, KeyError) as e:
             first_error = first_error or f'{name}: {e}'
+        if len(seen) > 1 or opened == look:
+            break
+    if len(seen) > 1:
+        found = ', '.join(f'{w}x{h} ({name})' for name, (w, h) in seen.values())
+        raise ValueError(f'{base}: its images differ in size ({found}), so it has no size of its own: give '
+                         '--image-size N to resize every image to N x N (centre square)')
+    if seen:
+        return next(iter(seen))
     raise ValueError(f'{base}: none of its {len(names)} image(s) could be read ({first_error})')
 
 
@@ -275,7 +290,11 @@ def _files_under(folder):
                 if entry.is_dir(follow_symlinks=False):
                     pending.append(path + '/')
                 else:  # is_file follows links: a link to a regular file counts as one
-                    (regular if entry.is_file() else special).append(path)
+                    try:
+                        is_file = entry.is_file()
+                    except OSError:  # a link loop (x.png -> y.png -> x.png), a name the OS cannot stat
+                        is_file = False
+                    (regular if is_file else special).append(path)
     return regular, special
 
 
@@ -439,6 +458,37 @@ def _to_8_bits(im):
     return grey
 
 
+def set_max_pixels(n):
+    """Images of up to n pixels are decoded (the flag --max-pixels); Pillow's own bomb check follows."""
+    global MAX_PIXELS
+    MAX_PIXELS = Image.MAX_IMAGE_PIXELS = n
+
+
+def open_checked(kind, base, name, archive=None):
+    """Image.open of a file in a folder or a member of a zip (open `archive` or None), refusing what
+    would cost more than MAX_PIXELS before it is decoded (ValueError naming the cap and its flag)."""
+    if kind == 'zip':
+        archive = archive or zipfile.ZipFile(base)
+        unpacked = archive.getinfo(name).file_size
+        if unpacked > 8 * MAX_PIXELS:
+            raise ValueError(f'{unpacked:,} bytes unpacked, above the cap of {8 * MAX_PIXELS:,} '
+                             f'(8 bytes a pixel of --max-pixels {MAX_PIXELS})')
+        f = io.BytesIO(archive.read(name))
+    else:
+        f = os.path.join(base, name)
+    with warnings.catch_warnings():  # Pillow's own check warns and fails in its words: ours names the flag
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+        try:
+            im = Image.open(f)
+        except Image.DecompressionBombError as e:
+            raise ValueError(f'{e}; above the cap of --max-pixels {MAX_PIXELS}') from None
+    w, h = im.size
+    if w * h > MAX_PIXELS:
+        im.close()
+        raise ValueError(f'{w}x{h} is {w * h:,} pixels, above the cap of --max-pixels {MAX_PIXELS}')
+    return im
+
+
 def to_chw(im):
     """(H, W, 3) -> (3, H, W) with transpose(2, 0, 1); a bare np.transpose would give (3, W, H)."""
     return im.transpose(2, 0, 1)
@@ -452,12 +502,24 @@ def _decode_chunk(job):
     with (zipfile.ZipFile(base) if kind == 'zip' else contextlib.nullcontext()) as archive:
         for i, name in enumerate(names):
             try:
-                f = io.BytesIO(archive.read(name)) if archive else os.path.join(base, name)
-                with Image.open(f) as im:
+                with open_checked(kind, base, name, archive) as im:
                     out[i] = to_chw(fit_image(im, size))
             except Exception as e:  # Pillow and zipfile fail in many ways on a bad file: skip it, say why
                 bad.append((i, name, f'{type(e).__name__}: {e}'))
     return out, bad
+
+
+def _die_with_parent(parent):
+    """Worker initializer: end this worker when its parent process ends. A parent killed by SIGTERM or
+    SIGKILL runs no clean-up, and its workers would wait forever to hand back a chunk. Linux kills the
+    worker itself (prctl PR_SET_PDEATHSIG); elsewhere the worker only notices at its next chunk."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
 
 
 def decode_images(kind, base, names, size, workers=None, progress=True):
@@ -472,7 +534,8 @@ def decode_images(kind, base, names, size, workers=None, progress=True):
     # spawned worker would run the whole script again. Where there is no fork (Windows): one process.
     fork = workers > 1 and len(jobs) > 1 and 'fork' in multiprocessing.get_all_start_methods()
     pool = concurrent.futures.ProcessPoolExecutor(
-        min(workers, len(jobs)), mp_context=multiprocessing.get_context('fork')) if fork else None
+        min(workers, len(jobs)), mp_context=multiprocessing.get_context('fork'),
+        initializer=_die_with_parent, initargs=(os.getpid(),)) if fork else None
     out = np.empty((len(names), 3, size, size), np.uint8)
     bad = []
     ahead = 2 * workers  # chunks decoded before they are copied into out: the only memory beside it
@@ -509,10 +572,9 @@ def decode_images(kind, base, names, size, workers=None, progress=True):
 def _decoded_images(kind, base, names, others, size, limit, cache_dir, workers, progress, cache=True):
     """The images `names` of a folder or zip at `size` (the first `limit`, or all if limit is None): from
     the cache if it matches the source, else decoded."""
-    if kind == 'folder':
-        stamp = _stamp(os.path.join(base, p) for p in names)
-    else:
-        stamp = _stamp([base])  # a zip changes as a whole: its size and mtime say so
+    # a zip changes as a whole: its size and times say so
+    paths = [os.path.join(base, p) for p in names] if kind == 'folder' else [base]
+    stamp = _stamp(paths)
 
     def decode():
         if others:
@@ -520,10 +582,11 @@ def _decoded_images(kind, base, names, others, size, limit, cache_dir, workers, 
         special = [p for p in _files_under(base)[1] if '/.' not in '/' + p] if kind == 'folder' else []
         if special:
             more = ' ...' if len(special) > 3 else ''
+            shown = ', '.join(map(repr, special[:3]))  # repr: a name that is not UTF-8 prints safely
             warnings.warn(f'skipped {len(special)} entries of {base} that are not regular files (FIFOs, sockets, '
-                          f'devices, links to folders or to nothing): {", ".join(special[:3])}{more}')
+                          f'devices, links to folders, to nothing or in a loop): {shown}{more}')
         return decode_images(kind, base, names, size, workers, progress)
-    return _cached(base, stamp, size, cache_dir, progress, decode, limit, cache)
+    return _cached(base, stamp, size, cache_dir, progress, decode, limit, cache, restamp=lambda: _stamp(paths))
 
 
 def _resize_bank(x, size, progress):
@@ -535,21 +598,30 @@ def _resize_bank(x, size, progress):
 
 
 def _stamp(paths):
-    """What says cheaply whether files changed: their names, sizes and modification times."""
-    return '\n'.join(f'{p} {st.st_size} {st.st_mtime_ns}' for p in paths for st in [os.stat(p)])
+    """What says cheaply whether files changed: their names, sizes, modification times and inode change
+    times (a file moved out and back keeps its mtime, not its ctime); 'missing' for a file now gone."""
+    def one(p):
+        try:
+            st = os.stat(p)
+        except OSError:
+            return f'{p} missing'
+        return f'{p} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}'
+    return '\n'.join(map(one, paths))
 
 
-def _cached(base, stamp, size, cache_dir, progress, build, limit=None, cache=True):
+def _cached(base, stamp, size, cache_dir, progress, build, limit=None, cache=True, restamp=None):
     """build() -> uint8 (N, 3, size, size), run once: later calls map the cached result for as long as
     the source `base` and its `stamp` stay the same. The first `limit` images (limit not None) are cached
     apart from the whole set, so that neither replaces the other. cache=False: build() alone, nothing
-    read or written."""
+    read or written. restamp(): the stamp again after build(); if the files changed meanwhile (a file
+    moved away while it was read), the result is not cached: it stands for no state of the source."""
     if not cache:
         return build()
     first = f'first{limit}-' if limit else ''
-    key = hashlib.sha1(f'{CACHE_VERSION}\n{size}\n{first}{stamp}'.encode()).hexdigest()[:16]
+    # surrogateescape: file names that are not UTF-8 (they come back from the OS as lone surrogates)
+    key = hashlib.sha1(f'{CACHE_VERSION}\n{size}\n{first}{stamp}'.encode('utf-8', 'surrogateescape')).hexdigest()[:16]
     base = os.path.abspath(base)
-    where = hashlib.sha1(base.encode()).hexdigest()[:8]  # two folders may share a name
+    where = hashlib.sha1(base.encode('utf-8', 'surrogateescape')).hexdigest()[:8]  # two folders may share a name
     prefix = f'{os.path.basename(base)}-{where}-{size}px-{first}'
     path = os.path.join(_cache_folder(base, cache_dir), prefix + key + '.npy')
     x = _read_cache(path, size)
@@ -560,6 +632,10 @@ def _cached(base, stamp, size, cache_dir, progress, build, limit=None, cache=Tru
     if progress:
         print(f'building it once; cache: {path}', file=sys.stderr)
     x = build()
+    if restamp is not None and restamp() != stamp:
+        warnings.warn(f'{base} changed while it was read (files moved, removed or rewritten): these images are '
+                      'used but not cached; the next run reads the folder again')
+        return x
     mapped = _read_cache(path, size) if _write_cache(path, x, prefix) else None
     return x if mapped is None else mapped  # the mapped file, as later runs get it; frees the built copy
 

@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 import zipfile
 
@@ -64,6 +65,18 @@ def atomic_write(path, write):
             os.remove(tmp)
         raise
     return path
+
+
+def write_error(error, folder):
+    """What went wrong writing a file into `folder`, in a few words: a full disk is named as such (torch.save
+    says only "[enforce fail at inline_container.cc] . unexpected pos ...")."""
+    full = getattr(error, "errno", None) == errno.ENOSPC
+    try:
+        full = full or shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        pass
+    first = (getattr(error, "strerror", None) or str(error)).strip().splitlines()
+    return "the disk is full" if full else (first[0] if first else type(error).__name__)
 
 
 def write_json(path, content):

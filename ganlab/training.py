@@ -30,6 +30,7 @@ import hashlib
 import inspect
 import os
 import signal
+import sys
 import tempfile
 import textwrap
 
@@ -40,8 +41,9 @@ from tqdm import tqdm
 from ganlab import data
 from ganlab import flags
 from ganlab.outputs import (CheckpointError, CurveLog, is_temporary_file, load_checkpoint, save_checkpoint,
-                            save_grid, write_samples)
+                            save_grid, write_error, write_samples)
 
+DATASETS = {"shapes": "the built-in icons, the default", "lld": "LLD-icon, the logo hand-in", "anime": "anime faces"}
 # settings that belong to one command, never taken from a checkpoint
 PER_COMMAND = ["resume", "out", "sample", "zip", "force", "device", "compile", "sync_batchnorm"]
 
@@ -57,6 +59,8 @@ def add_run_flags(parser, epochs, batch_size, augment="none", what_samples="G's 
                             "64 for anime, a folder's, zip's, .hdf5's or .pkl's own")
     group.add_argument("--max-images", type=flags.positive_int, default=None,
                        help="use only the first N images (quick runs); if not given: all")
+    group.add_argument("--max-pixels", type=flags.positive_int, default=data.MAX_PIXELS,
+                       help="skip (with a warning) images of more pixels than this, before decoding them")
     group.add_argument("--augment", default=augment,
                        help="geometric augmentation of the real images: comma-separated flip[=probability 0.5], "
                             "translate[=fraction 0.125], scale[=max zoom 1.25], rotate[=degrees 10], or none")
@@ -212,18 +216,19 @@ def _torchrun():
 class Run:
     """One training run: its settings (args), device, processes, checkpoint, curves and files."""
 
-    def __init__(self, parser, argv, script_file, must_match, curve_groups=None, shapes_defaults=None):
+    def __init__(self, parser, argv, script_file, must_match, curve_groups=None, data_defaults=None):
         script = self.script = os.path.splitext(os.path.basename(script_file))[0]  # dcgan, ...
         self.parser = parser
-        if shapes_defaults:  # --help lists them
-            flags_text = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in shapes_defaults.items())
-            parser.epilog = textwrap.fill("with --data shapes (the built-in icons, the default) these defaults "
-                                          f"change: {flags_text}", 100, break_on_hyphens=False)
+        data_defaults = data_defaults or {}
+        parser.epilog = "\n".join(  # --help lists them
+            textwrap.fill(f"with --data {name} ({DATASETS[name]}) these defaults change: "
+                          + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in table.items()), 100,
+                          break_on_hyphens=False) for name, table in data_defaults.items()) or None
         args = self.args = parser.parse_args(argv)
         self.checkpoint = self._resume_settings(argv, must_match) if args.resume else None
-        if shapes_defaults and not args.resume and args.data == "shapes":  # a resumed run has its own
+        if args.data in data_defaults and not args.resume:  # a resumed run has its own settings
             given = self._given(argv)
-            for key, value in shapes_defaults.items():
+            for key, value in data_defaults[args.data].items():
                 if key not in given:
                     setattr(args, key, value)
         self.error = parser.error
@@ -428,6 +433,7 @@ class Run:
     def load_images(self):
         """The dataset as one uint8 tensor (N, 3, S, S) on the device; sets --image-size if not given."""
         args = self.args
+        data.set_max_pixels(args.max_pixels)
         try:
             bank = data.load_images(args.data, root=args.data_root, size=args.image_size, limit=args.max_images)
         except (FileNotFoundError, ValueError, OSError) as error:  # unknown name, missing or unreadable files
@@ -478,9 +484,18 @@ class Run:
         if self.main:
             rng = {"cpu": torch.get_rng_state(), "augment": self.augment_gen.get_state(),
                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-            save_checkpoint(dict(saved, **position, script=self.script, args=vars(self.args), rng=rng,
-                                 curves=self.curves.state_dict()), self.ckpt_path)
-            self.save_curves()
+            try:
+                save_checkpoint(dict(saved, **position, script=self.script, args=vars(self.args), rng=rng,
+                                     curves=self.curves.state_dict()), self.ckpt_path)
+                self.save_curves()
+            except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+                kept = (f"the checkpoint of step {self._saved} is unchanged" if self._saved is not None else
+                        f"{self.args.resume} is unchanged" if self.args.resume else "no checkpoint was written")
+                self.finish()
+                _release_run_folder(self.args.out)
+                raise SystemExit(f"{self.script}: writing {self.ckpt_path} at step {position['step']} failed "
+                                 f"({write_error(error, self.args.out)}); {kept}. Free some space, then resume "
+                                 "(or run again)") from None
         self._saved = position["step"]
 
     def _state_dict(self, value):
@@ -565,11 +580,20 @@ class Run:
             raise SystemExit(f"{self.script}: {name} is NaN or infinite at step {bad_step}: stopping; {kept}.")
 
     def stopped(self, step):
-        """After Ctrl-C: say how to go on, and end."""
+        """After Ctrl-C or SIGTERM (the checkpoint saved): say how to go on, and exit with 128 + the
+        signal's number (130, 143), as a killed program would: the run did not finish, and a scheduler
+        or a shell script must see it."""
         launcher = "torchrun <the same launcher flags>" if self.distributed else "python"
-        self.print(f"stopped at step {step}; continue with: {launcher} {self.script}.py --resume {self.ckpt_path}")
+        samples = f" {self._sample_flags()}" if self.args.sample else ""
+        self.print(f"stopped at step {step}; continue with: {launcher} {self.script}.py --resume {self.ckpt_path}"
+                   f"{samples}" + (" (--sample was not done: the run has not finished)" if samples else ""))
         self.finish()
         _release_run_folder(self.args.out)
+        raise SystemExit(128 + (self._stop[0] if self._stop else signal.SIGINT))
+
+    def _sample_flags(self):
+        """--sample N [--zip NAME] of this command: they are never taken from a checkpoint."""
+        return f"--sample {self.args.sample}" + (f" --zip {self.args.zip}" if self.args.zip else "")
 
     def finish(self):
         """Close the progress bar, give the signal handlers back, leave the process group."""
@@ -606,10 +630,37 @@ class Run:
         whatever the number of processes."""
         args = self.args
         if args.sample and self.main:
-            folder, zip_path = write_samples(generate, args.sample, self.samples_dir, force=args.force,
-                                             zip_name=args.zip)
+            again = (f"python {self.script}.py --resume {self.ckpt_path} --epochs 0 {self._sample_flags()} --force"
+                     if os.path.isfile(self.ckpt_path) else "the same command with --force")
+            handlers = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                folder, zip_path = write_samples(generate, args.sample, self.samples_dir, force=args.force,
+                                                 zip_name=args.zip)
+            except _Stop as stop:  # write_samples removed its unfinished zip
+                print(f"{self.script}: {signal.Signals(stop.signum).name} while writing the samples: "
+                      f"{self.samples_dir} is incomplete and no zip was written; the checkpoint is whole. Write "
+                      f"them with: {again}", file=sys.stderr, flush=True)
+                raise SystemExit(128 + stop.signum) from None
+            except OSError as error:  # its message says what was written, and what to do
+                raise SystemExit(f"{self.script}: {error.strerror or error}; then: {again}") from None
+            finally:
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+                _release_run_folder(args.out)
             size = args.image_size
             print(f"wrote {args.sample} samples ({size}x{size} RGB) to {folder}"
                   + (f" and {zip_path}" if zip_path else ""))
         _release_run_folder(args.out)  # the run is over: the folder is free for the next one
+
+
+class _Stop(BaseException):
+    """Ctrl-C or SIGTERM while samples are written: unwinds write_samples (which then cleans up)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum, frame):
+    raise _Stop(signum)
 

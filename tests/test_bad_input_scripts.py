@@ -202,7 +202,7 @@ def test_a_second_run_on_a_held_folder_is_refused_at_once(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]  # the lock died with its process
 
 
-def test_a_tiny_first_image_is_named_as_the_source_of_the_size(capsys, tmp_path, monkeypatch):
+def test_a_folder_of_mixed_sizes_says_what_it_found_and_the_flag(capsys, tmp_path, monkeypatch):
     from PIL import Image
     folder = tmp_path / "mixed"
     folder.mkdir()
@@ -211,5 +211,18 @@ def test_a_tiny_first_image_is_named_as_the_source_of_the_size(capsys, tmp_path,
         Image.new("RGB", (32, 32) if k % 2 else (40, 30), (0, 0, 200)).save(folder / f"{k}.png")
     monkeypatch.setattr(data, "load_images", real_load_images)  # the real reader, not the tests' built-in set
     message = refused(capsys, "dcgan", ["--data", folder, "--out", tmp_path / "run", "--epochs", 1])
-    assert "came out 1x1, the size of its first image" in message and "--image-size N" in message
+    # a 1x1 image first, then 32x32 and 40x30 ones: no size of its own (the campaign: "--image-size 1: give
+    # 3, 4 or 5 times a power of 2", a flag that was never given)
+    assert "its images differ in size (1x1 (0.png), 32x32 (1.png))" in message and "--image-size N" in message
     assert "give 3 to 7 times" not in message
+
+
+def test_a_folder_of_tiny_images_is_named_as_the_source_of_the_size(capsys, tmp_path, monkeypatch):
+    from PIL import Image
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    for k in range(4):
+        Image.new("RGB", (2, 2), (50 * k, 0, 0)).save(folder / f"{k}.png")
+    monkeypatch.setattr(data, "load_images", real_load_images)
+    message = refused(capsys, "dcgan", ["--data", folder, "--out", tmp_path / "run", "--epochs", 1])
+    assert "came out 2x2, the size of its first image" in message and "--image-size N" in message

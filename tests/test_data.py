@@ -224,7 +224,12 @@ def test_any_size_centre_cropped_resized_upright(tmp_path):
     assert x.shape == (5, 3, 24, 24)
     for img in x:
         assert_quadrants(img)
-    assert load(tmp_path).shape == (5, 3, 80, 80)  # size None: the first image's own shorter side, 0.jpg's
+    # size None: the images' own shorter side, which these do not share (80, 80, 50, 60, 70): no size of their own
+    with pytest.raises(ValueError, match=r"differ in size \(120x80 \(0.jpg\), 50x50 \(2.jpg\)\).*--image-size N"):
+        load(tmp_path)
+    for name in ['2.jpg', '3.png', '4.jpg']:
+        os.remove(tmp_path / name)
+    assert load(tmp_path).shape == (2, 3, 80, 80)  # 120x80 and 80x120: their shorter side, 80
 
 
 def test_image_of_the_right_size_is_pillows_decode(tmp_path):
@@ -653,11 +658,15 @@ def test_native_size(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.new("RGB", (48, 40)).save(folder / "2.png")
-    Image.new("RGB", (20, 20)).save(folder / "10.png")
-    assert data.native_size(folder) == 40  # the first in numeric order, its shorter side
+    Image.new("RGB", (40, 44)).save(folder / "10.png")
+    assert data.native_size(folder) == 40  # the shorter side both have
     with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as archive:
-        archive.write(folder / "10.png", "imgs/10.png")
-    assert data.native_size(tmp_path / "imgs.zip") == 20
+        archive.write(folder / "2.png", "imgs/2.png")
+    assert data.native_size(tmp_path / "imgs.zip") == 40
+    Image.new("RGB", (20, 20)).save(folder / "11.png")
+    with pytest.raises(ValueError, match=r"differ in size \(48x40 \(2.png\), 20x20 \(11.png\)\)"):
+        data.native_size(folder)
+    os.remove(folder / "11.png")
     assert data.native_size("shapes") == 32
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
@@ -688,3 +697,21 @@ def test_command_line_bad_input(tmp_path, monkeypatch, capsys):
         status, err = run_data_py(argv, monkeypatch, capsys)
         assert status == 2 and words in err and 'Traceback' not in err, (argv, err)
     assert os.listdir(tmp_path) == ['file']
+
+
+# ---------------------------------------------------------------- the real icons (LLD-icon's PNG folder layout)
+
+ICONS = os.path.join(REPO, '..', 'shared', 'data', 'real-icons')
+
+
+@pytest.mark.skipif(not os.path.isdir(ICONS), reason='no ../shared/data/real-icons')
+@pytest.mark.parametrize('folder,count', [('logos', 4512), ('emoji', 3786)])
+def test_real_icons_load_as_lld_png_folders(folder, count, tmp_path, monkeypatch):
+    # as --data lld reads them from data/lld/ (a flat folder of 6-digit PNG names), at their own 32x32
+    monkeypatch.setenv('GANLAB_DATA', str(tmp_path))
+    os.symlink(os.path.join(ICONS, folder), tmp_path / 'lld')
+    x = load('lld', cache_dir=tmp_path / 'cache')
+    assert x.shape == (count, 3, 32, 32) and x.dtype == torch.uint8
+    for i in (0, 1, count // 2, count - 1):  # 000001.png is image 0: name order, pixel for pixel
+        with Image.open(os.path.join(ICONS, folder, f'{i + 1:06d}.png')) as im:
+            assert_images(x[i:i + 1], chw(np.asarray(im.convert('RGB'))[None]))

@@ -17,6 +17,7 @@ from PIL import Image
 
 from ganlab import data
 from ganlab import outputs
+import dcgan
 import vae
 import vae_sweep
 
@@ -133,7 +134,14 @@ def test_shape_comments_hold():
 def test_impossible_image_size_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(ValueError, match="image-size 36"):
         vae.feature_sizes(36)  # 36 -> 18 -> 9: odd and too big to end on
-    assert "--image-size 36 cannot be halved" in usage_error(capsys, TINY + ["--image-size", 36])
+    assert "--image-size 36: give 3 to 7 times a power of 2" in usage_error(capsys, TINY + ["--image-size", 36])
+    for size in (8, 10, 14):  # one halving: refused, as dcgan.py refuses them
+        with pytest.raises(ValueError, match=f"image-size {size}: give 3 to 7 times"):
+            vae.feature_sizes(size)
+        with pytest.raises(ValueError):
+            dcgan.start_size(size)
+    for size in (12, 16, 20, 24, 28, 32, 48, 64, 96):  # the sizes both take
+        assert vae.feature_sizes(size)[0] == size and dcgan.start_size(size)
 
 
 def test_kl_term_equals_torch_distributions():
@@ -280,7 +288,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path, monkeyp
 
     monkeypatch.setattr(vae, "warp_batch", warp_then_interrupt)
     handler = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN under nohup ... &
-    assert run(tmp_path, "--epochs", 2, name="split") is None  # stopped cleanly, no exception
+    with pytest.raises(SystemExit) as stop:  # stopped cleanly: 128 + SIGINT, no traceback
+        run(tmp_path, "--epochs", 2, name="split")
+    assert stop.value.code == 130
     monkeypatch.setattr(vae, "warp_batch", real)
     state = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["step"], state["batch"]) == (0, 3, 3)
@@ -433,7 +443,7 @@ BAD_INPUT = [  # issue 15's vae.py cases: each (argv, what the message must say)
     (["--epochs", "0"], "--epochs 0 trains nothing"),
     (["--log-every", "0"], "--log-every: must be a whole number >= 1"),
     (["--image-size", "0"], "--image-size: must be a whole number >= 1"),
-    (["--image-size", "4"], "--image-size 4 cannot be halved"),
+    (["--image-size", "4"], "--image-size 4: give 3 to 7 times"),
     (["--augment", "flip=2"], "--augment: flip=2 is out of range"),
     (["--augment", "rotate=abc"], "--augment: rotate='abc' is not a number"),
     (["--augment", "blur"], "--augment: unknown 'blur'"),

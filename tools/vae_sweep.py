@@ -71,9 +71,10 @@ def main(argv=None):
             if resume and error.code == 2:  # the checkpoint's settings differ from this command's
                 print(f"sweep: {out} holds this variant trained with other settings (see above): pass --force "
                       "to train the sweep over, or give another --out", file=sys.stderr)
+            if error.code in (130, 143):  # stopped by Ctrl-C or SIGTERM: its checkpoint is written
+                print("sweep: stopped; the same sweep command goes on from there (this variant resumes)",
+                      file=sys.stderr)
             raise
-        if result is None:  # stopped by Ctrl-C: its checkpoint is written, and the sweep resumes it
-            return None
         with open(os.path.join(out, "elbo.csv"), newline="") as f:
             curve = [(int(row["epoch"]), float(row["heldout_neg_elbo"])) for row in csv.DictReader(f)]
         rows.append(dict(result, latent=latent, batch_size=batch_size, curve=curve))
