@@ -75,7 +75,7 @@ def start_size(image_size):
 
 
 class Generator(nn.Module):
-    """z (B, nz, 1, 1) -> images (B, 3, S, S) in [-1, 1]. Shapes at the default 32x32, nz 100, ngf 64:
+    """z (B, nz, 1, 1) -> images (B, 3, S, S) in [-1, 1]. Shapes at 32x32, nz 100, ngf 64 (the paper's):
     (B, 100, 1, 1) -> (B, 256, 4, 4) -> (B, 128, 8, 8) -> (B, 64, 16, 16) -> (B, 3, 32, 32)"""
 
     def __init__(self, image_size, nz, ngf):
@@ -101,7 +101,7 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """images (B, 3, S, S) -> one number per image (B,). Shapes at the default 32x32, ndf 64:
+    """images (B, 3, S, S) -> one number per image (B,). Shapes at 32x32, ndf 64 (the paper's):
     (B, 3, 32, 32) -> (B, 64, 16, 16) -> (B, 128, 8, 8) -> (B, 256, 4, 4) -> (B,)"""
 
     def __init__(self, image_size, ndf):
@@ -207,7 +207,7 @@ def main(argv=None):
     run.start(args.epochs * steps_per_epoch, step, images_per_step)  # the progress bar; Ctrl-C handling
     for epoch in range(run.start_epoch, args.epochs):
         # this epoch's order depends only on (seed, epoch), so a resumed run sees the same batches
-        # (100,003: a prime above any epoch count, so no two (seed, epoch) pairs share a generator seed)
+        # (100,003: more than any epoch count, so no two (seed, epoch) pairs share a generator seed)
         order = torch.randperm(len(bank), device=device,
                                generator=torch.Generator(device).manual_seed(args.seed * 100_003 + epoch))
         for batch in range(position["batch"] if epoch == run.start_epoch else 0, steps_per_epoch):
@@ -248,7 +248,8 @@ def main(argv=None):
             step += 1
 
             # the curves: kept on the device, fetched every --log-every steps (one transfer); a NaN or inf
-            # there stops the run (SystemExit), keeping the last good checkpoint
+            # there stops the run (SystemExit), keeping the last good checkpoint. D_x and D_G_z: D's mean
+            # output on the last D step's reals and fakes, augmented as D saw them
             run.log(step, epoch, loss_D=loss_d, loss_G=loss_g, D_x=d_real.float().mean(), D_G_z=d_fake.float().mean())
             if run.stop_requested():  # Ctrl-C or SIGTERM: a checkpoint to resume from, then stop
                 run.save(dict(epoch=epoch, batch=batch + 1, step=step), **state)

@@ -822,7 +822,10 @@ if __name__ == '__main__':
     parser.add_argument('--cache-dir', default=None, help='for decoded images (default: see the docstring)')
     parser.add_argument('--workers', type=flags.positive_int, default=None,
                         help='decoding processes (default: all cores)')
+    parser.add_argument('--max-pixels', type=flags.positive_int, default=MAX_PIXELS,
+                        help=f'skip images of more pixels than this, before decoding them (default: {MAX_PIXELS})')
     args = parser.parse_args()
+    set_max_pixels(args.max_pixels)
     if args.cache_dir == '':
         parser.error('--cache-dir is empty: give a folder, or leave it out for the default')
     if args.cache_dir is not None:

@@ -23,6 +23,8 @@ import zipfile
 
 from PIL import Image
 
+from ganlab import flags
+
 MAX_ENTRY_BYTES = 2**20
 SHOWN = 5  # examples shown of each kind of deviation
 
@@ -99,15 +101,16 @@ def _bad_image(archive, info, size):
     return None
 
 
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                 epilog="\n".join(__doc__.split("\n")[1:]))
+parser.add_argument("zip", help="the hand-in, e.g. out/dcgan-lld/0860912_img.zip")
+parser.add_argument("--count", type=flags.positive_int, default=50000,
+                    help="how many images it must hold (default: 50000)")
+parser.add_argument("--size", type=flags.positive_int, default=32, help="their side in pixels (default: 32)")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter,
-                                     epilog="\n".join(__doc__.split("\n")[1:]))
-    parser.add_argument("zip", help="the hand-in, e.g. out/dcgan-lld/0860912_img.zip")
-    parser.add_argument("--count", type=int, default=50000, help="how many images it must hold (default: 50000)")
-    parser.add_argument("--size", type=int, default=32, help="their side in pixels (default: 32)")
     args = parser.parse_args(argv)
-    if args.count < 1 or args.size < 1:
-        parser.error("--count and --size must be at least 1")
     if not os.path.isfile(args.zip):
         parser.error(f"{args.zip}: no such file")
     problems, name = check_handin(args.zip, args.count, args.size)
