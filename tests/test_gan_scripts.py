@@ -508,3 +508,19 @@ def test_a_sample_does_not_depend_on_how_many_are_asked_for(trained, tmp_path):
     for k in (1, 500, 501):
         assert (tmp_path / "n501" / "samples" / f"{k}.png").read_bytes() == \
                (tmp_path / "n510" / "samples" / f"{k}.png").read_bytes(), k
+
+
+def test_lld_takes_the_settings_measured_on_real_logos(tmp_path, monkeypatch, capsys):
+    module = SCRIPTS["dcgan"]
+    monkeypatch.setattr(data, "load_images", lambda name, root=None, size=None, **kw: _cached_load("shapes", root, size))
+    small = ["--max-images", "64", "--batch-size", "16", "--epochs", "1", "--data", "lld"]
+    module.main(small + ["--out", str(tmp_path / "lld")])
+    settings = ckpt(str(tmp_path / "lld"))["args"]
+    for key, value in module.DATA_DEFAULTS["lld"].items():
+        assert settings[key] == value, key
+    assert settings["lr_g"] == module.parser.get_default("lr_g")  # the rest: the paper's
+    module.main(small + ["--out", str(tmp_path / "given"), "--ngf", "16"])
+    assert ckpt(str(tmp_path / "given"))["args"]["ngf"] == 16  # a given flag wins
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    assert "with --data lld (LLD-icon, the logo hand-in) these defaults change" in " ".join(capsys.readouterr().out.split())
