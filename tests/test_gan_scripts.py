@@ -512,7 +512,8 @@ def test_a_sample_does_not_depend_on_how_many_are_asked_for(trained, tmp_path):
 
 def test_lld_takes_the_settings_measured_on_real_logos(tmp_path, monkeypatch, capsys):
     module = SCRIPTS["dcgan"]
-    monkeypatch.setattr(data, "load_images", lambda name, root=None, size=None, **kw: _cached_load("shapes", root, size))
+    monkeypatch.setattr(data, "load_images",  # the built-in set stands in for LLD-icon
+                        lambda name, root=None, size=None, **kw: _cached_load("shapes", root, size))
     small = ["--max-images", "64", "--batch-size", "16", "--epochs", "1", "--data", "lld"]
     module.main(small + ["--out", str(tmp_path / "lld")])
     settings = ckpt(str(tmp_path / "lld"))["args"]
@@ -523,4 +524,5 @@ def test_lld_takes_the_settings_measured_on_real_logos(tmp_path, monkeypatch, ca
     assert ckpt(str(tmp_path / "given"))["args"]["ngf"] == 16  # a given flag wins
     with pytest.raises(SystemExit):
         module.main(["--help"])
-    assert "with --data lld (LLD-icon, the logo hand-in) these defaults change" in " ".join(capsys.readouterr().out.split())
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "with --data lld (LLD-icon, the logo hand-in) these defaults change" in help_text
