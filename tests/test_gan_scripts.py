@@ -519,7 +519,7 @@ def test_lld_takes_the_settings_measured_on_real_logos(tmp_path, monkeypatch, ca
     settings = ckpt(str(tmp_path / "lld"))["args"]
     for key, value in module.DATA_DEFAULTS["lld"].items():
         assert settings[key] == value, key
-    assert settings["lr_g"] == module.parser.get_default("lr_g")  # the rest: the paper's
+    assert settings["ema"] == module.parser.get_default("ema")  # the rest: the paper's
     module.main(small + ["--out", str(tmp_path / "given"), "--ngf", "16"])
     assert ckpt(str(tmp_path / "given"))["args"]["ngf"] == 16  # a given flag wins
     with pytest.raises(SystemExit):
