@@ -64,9 +64,9 @@ group.add_argument("--diffaug", type=flags.diffaug_policy, default="none",
 # and the flags every script shares: data, epochs, batch size, seed, device, output, resume
 training.add_run_flags(parser, epochs=25, batch_size=64)
 MUST_MATCH = ["image_size", "nz", "ngf", "ndf", "gp"]  # a checkpoint only fits the same networks (--gp: no BatchNorm)
-# per data set, the settings that differ from the paper's above (measured: docs/results.md); a flag given
-# on the command line wins. shapes: WGAN-GP with one critic step and a higher learning rate learns the
-# built-in icons in CPU minutes
+# per data set, settings that differ from the defaults above and training.add_run_flags' (measured:
+# docs/results.md); a flag given on the command line wins, and a resumed run keeps its own.
+# shapes: WGAN-GP with one critic step and a higher learning rate learns the built-in icons in CPU minutes
 DATA_DEFAULTS = {
     "shapes": dict(max_images=5000, epochs=24, batch_size=64, ngf=24, ndf=16, ema=0.99, gp=10.0, d_steps=1,
                    lr_g=1e-3, lr_d=1e-3, augment="flip", diffaug="color,translation"),
@@ -192,7 +192,7 @@ def gradient_penalty(D, real, fake, e, autocast):
 
 def main(argv=None):
     # the command line, checked before any work (see training.Run: the checkpoint's settings on
-    # --resume, DATA_DEFAULTS for the built-in set, the device, the seed, torchrun's processes)
+    # --resume, DATA_DEFAULTS for --data shapes or lld (not on --resume), device, seed, torchrun's processes)
     run = training.Run(parser, argv, __file__, MUST_MATCH, curve_groups=[["loss_D", "loss_G"], ["D_x", "D_G_z"]],
                        data_defaults=DATA_DEFAULTS)
     args, device = run.args, run.device

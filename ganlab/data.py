@@ -202,15 +202,16 @@ def _first_image_side(kind, base, names, look=16):
     flag that sets the size)."""
     first_error, seen = None, {}
     opened = 0
-    for name in names:
-        try:
-            with open_checked(kind, base, name) as im:
-                seen.setdefault(min(im.size), (name, im.size))  # the centre square's side
-                opened += 1
-        except (OSError, ValueError, Image.DecompressionBombError, zipfile.BadZipFile, KeyError) as e:
-            first_error = first_error or f'{name}: {e}'
-        if len(seen) > 1 or opened == look:
-            break
+    with (zipfile.ZipFile(base) if kind == 'zip' else contextlib.nullcontext()) as archive:
+        for name in names:
+            try:
+                with open_checked(kind, base, name, archive) as im:
+                    seen.setdefault(min(im.size), (name, im.size))  # the centre square's side
+                    opened += 1
+            except (OSError, ValueError, Image.DecompressionBombError, zipfile.BadZipFile, KeyError) as e:
+                first_error = first_error or f'{name}: {e}'
+            if len(seen) > 1 or opened == look:
+                break
     if len(seen) > 1:
         found = ', '.join(f'{w}x{h} ({name})' for name, (w, h) in seen.values())
         raise ValueError(f'{base}: its images differ in size ({found}), so it has no size of its own: give '
@@ -465,10 +466,9 @@ def set_max_pixels(n):
 
 
 def open_checked(kind, base, name, archive=None):
-    """Image.open of a file in a folder or a member of a zip (open `archive` or None), refusing what
-    would cost more than MAX_PIXELS before it is decoded (ValueError naming the cap and its flag)."""
+    """Image.open of a file in the folder `base`, or of a member of the zip open as `archive`, refusing
+    what would cost more than MAX_PIXELS before it is decoded (ValueError naming the cap and its flag)."""
     if kind == 'zip':
-        archive = archive or zipfile.ZipFile(base)
         unpacked = archive.getinfo(name).file_size
         if unpacked > 8 * MAX_PIXELS:
             raise ValueError(f'{unpacked:,} bytes unpacked, above the cap of {8 * MAX_PIXELS:,} '

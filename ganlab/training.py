@@ -629,28 +629,33 @@ class Run:
         returns a batch of at most count images. Process 0 alone writes them, the same files
         whatever the number of processes."""
         args = self.args
-        if args.sample and self.main:
-            again = (f"python {self.script}.py --resume {self.ckpt_path} --epochs 0 {self._sample_flags()} --force"
-                     if os.path.isfile(self.ckpt_path) else "the same command with --force")
-            handlers = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                folder, zip_path = write_samples(generate, args.sample, self.samples_dir, force=args.force,
-                                                 zip_name=args.zip)
-            except _Stop as stop:  # write_samples removed its unfinished zip
-                print(f"{self.script}: {signal.Signals(stop.signum).name} while writing the samples: "
-                      f"{self.samples_dir} is incomplete and no zip was written; the checkpoint is whole. Write "
-                      f"them with: {again}", file=sys.stderr, flush=True)
-                raise SystemExit(128 + stop.signum) from None
-            except OSError as error:  # its message says what was written, and what to do
-                raise SystemExit(f"{self.script}: {error.strerror or error}; then: {again}") from None
-            finally:
-                for sig, handler in handlers.items():
-                    signal.signal(sig, handler)
-                _release_run_folder(args.out)
-            size = args.image_size
-            print(f"wrote {args.sample} samples ({size}x{size} RGB) to {folder}"
-                  + (f" and {zip_path}" if zip_path else ""))
-        _release_run_folder(args.out)  # the run is over: the folder is free for the next one
+        try:
+            if args.sample and self.main:
+                self._write_samples(generate)
+        finally:
+            _release_run_folder(args.out)  # the run is over: the folder is free for the next one
+
+    def _write_samples(self, generate):
+        """write_samples, with a full disk, Ctrl-C or SIGTERM turned into one line that says how to go on."""
+        args = self.args
+        again = (f"python {self.script}.py --resume {self.ckpt_path} --epochs 0 {self._sample_flags()} --force"
+                 if os.path.isfile(self.ckpt_path) else "the same command with --force")
+        handlers = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            folder, zip_path = write_samples(generate, args.sample, self.samples_dir, force=args.force,
+                                             zip_name=args.zip)
+        except _Stop as stop:  # write_samples removed its unfinished zip
+            print(f"{self.script}: {signal.Signals(stop.signum).name} while writing the samples: "
+                  f"{self.samples_dir} is incomplete and no zip was written; the checkpoint is whole. Write "
+                  f"them with: {again}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + stop.signum) from None
+        except OSError as error:  # its message says what was written, and what to do
+            raise SystemExit(f"{self.script}: {error.strerror or error}; the command: {again}") from None
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        size = args.image_size
+        print(f"wrote {args.sample} samples ({size}x{size} RGB) to {folder}" + (f" and {zip_path}" if zip_path else ""))
 
 
 class _Stop(BaseException):
