@@ -165,23 +165,27 @@ def main(argv=None):
                        data_defaults=DATA_DEFAULTS)
     args, device = run.args, run.device
 
-    # data: every image in one uint8 tensor bank (N, 3, S, S) on the device (none is needed to only
-    # sample a finished run: run.epochs_left, the epochs this command trains, is 0 then); S is
-    # --image-size (when not given: the checkpoint's, else as its help says)
+    # data: every image in one uint8 tensor bank (N, 3, S, S) on the device; S is --image-size (when not
+    # given: the checkpoint's, else as its help says). None is needed to only sample a finished run:
+    # run.epochs_left, the epochs this command trains, is 0 then, and the epoch loop below never runs
     bank = run.load_images() if run.epochs_left else None
     S = args.image_size
     images_per_step = args.batch_size * args.d_steps
     steps_per_epoch = len(bank) // images_per_step if bank is not None else 0
     if run.epochs_left and steps_per_epoch == 0:
         run.error(f"--batch-size {args.batch_size} x --d-steps {args.d_steps} is more than the {len(bank)} images")
+    # under torchrun, run.world processes each train on their own rows of every batch: all draw the whole
+    # batch from the same generators (so a checkpoint has no rank in it) and keep their rows, `mine`;
+    # DistributedDataParallel averages the gradients. One process (plain python): mine is the whole batch
+    mine = slice(run.rank * args.batch_size // run.world, (run.rank + 1) * args.batch_size // run.world)
 
     def diffaug(x):
         """DiffAugment: colour, shift, cutout with fresh parameters for each image; differentiable, so G
         learns through it (augmenting only the reals would teach G the augmented images)."""
         if args.diffaug == "none":
             return x
-        return diff_augment(x, run.share(random_diffaug(args.batch_size, S, S, args.diffaug,
-                                                        generator=run.augment_gen, device=device)))
+        params = random_diffaug(args.batch_size, S, S, args.diffaug, generator=run.augment_gen, device=device)
+        return diff_augment(x, params.select(mine))
 
     # the model: G and D are what checkpoints save; G_train and D_train are the same networks as the
     # training steps call them (compiled with --compile, DistributedDataParallel under torchrun);
@@ -218,14 +222,13 @@ def main(argv=None):
                 # (--augment's flip, shift, zoom, rotation), in one fused pass. In plain PyTorch:
                 #     x = bank[index].float() / 127.5 - 1
                 #     real = F.grid_sample(x, F.affine_grid(theta, x.shape), padding_mode="reflection")
-                # run.share keeps this process's part of a batch drawn whole (one process: all of it)
                 first = (batch * args.d_steps + k) * args.batch_size
-                index = run.share(order[first:first + args.batch_size])
-                theta = run.share(random_affine(args.batch_size, **run.affine_ranges, generator=run.augment_gen,
-                                                device=device))
+                index = order[first:first + args.batch_size][mine]
+                theta = random_affine(args.batch_size, **run.affine_ranges, generator=run.augment_gen,
+                                      device=device)[mine]
                 real = warp_batch(bank, index, theta, S, padding="reflection", dtype=run.image_dtype,
                                   check_index=False)  # indices from randperm are valid: no check, no sync
-                z = run.share(torch.randn(args.batch_size, args.nz, 1, 1, device=device))
+                z = torch.randn(args.batch_size, args.nz, 1, 1, device=device)[mine]
                 with run.autocast:  # bf16 on a GPU, nothing on the CPU
                     with torch.no_grad():
                         fake = G_train(z)  # the D step does not train G: no graph through G
@@ -237,7 +240,7 @@ def main(argv=None):
                 opt_d.step()
 
             # (2) update G: min g_loss (above), through D, on fresh noise
-            z = run.share(torch.randn(args.batch_size, args.nz, 1, 1, device=device))
+            z = torch.randn(args.batch_size, args.nz, 1, 1, device=device)[mine]
             with run.autocast:
                 d_gen = D_train(diffaug(G_train(z)))
                 loss_g = g_loss(d_gen)
@@ -261,16 +264,19 @@ def main(argv=None):
         run.write(f"epoch {epoch + 1}/{args.epochs}: step {step}, {args.out}/grid.png, {run.ckpt_path}")
     run.finish()  # the progress bar closed, Ctrl-C back to Python's, torchrun's process group left
 
-    # samples from the averaged G, in fp32 (bf16 keeps 8 bits of mantissa: a grey level of error)
-    if not run.epochs_left:  # sampling a finished run (maybe into a new --out): its grid too
+    if not run.epochs_left:  # only sampling a finished run (maybe into a new --out): its grid too
         with torch.no_grad():
             run.save_grid(G_ema(fixed_z))
+
+    # --sample N: samples from the averaged G, in fp32 (bf16 keeps 8 bits of mantissa: a grey level of error)
     sample_gen = torch.Generator().manual_seed(args.seed + 1)
 
     def generate(count):  # always batches of 500, the last one cut to count: G's BatchNorm normalizes
         with torch.no_grad():  # over the batch it is given, so a batch of a few images would be off
             return to_uint8(G_ema(torch.randn(500, args.nz, 1, 1, generator=sample_gen).to(device)))[:count]
 
+    # calls generate(count) until it has N images: samples/1.png ... N.png (NAME.zip with --zip NAME);
+    # nothing without --sample, and only process 0 writes
     run.write_samples(generate)
 
 

@@ -345,8 +345,7 @@ def main(argv=None):
     #     x = F.grid_sample(x, F.affine_grid(theta, x.shape), padding_mode="reflection")
     bank = run.load_images()
     S = args.image_size
-    # the held-out split: the last --holdout of a fixed permutation (seed 0 whatever --seed), so
-    # that every run and every seed is measured on the same images
+    # the held-out split: the last --holdout of a fixed permutation (seed 0 whatever --seed): the same for every run
     n_heldout = heldout_count(len(bank), args.holdout)
     permutation = torch.randperm(len(bank), generator=torch.Generator().manual_seed(0)).to(device)
     train_index, heldout_index = permutation[:-n_heldout], permutation[-n_heldout:]
@@ -356,6 +355,7 @@ def main(argv=None):
                   f"{n_heldout} held out): give a smaller --batch-size, or more images (--max-images)")
     run.print(f"{args.data}: {len(train_index)} training and {n_heldout} held-out images, {S}x{S}; "
               f"{steps_per_epoch} steps of {B} per epoch on {device}")
+    mine = slice(run.rank * B // run.world, (run.rank + 1) * B // run.world)  # this process's rows (torchrun)
 
     # the model, and model_train: the same network as the training steps call it (compiled with
     # --compile, DistributedDataParallel under torchrun); checkpoints, measurements and samples use model
@@ -384,10 +384,10 @@ def main(argv=None):
         first_batch = position["batch"] if epoch == run.start_epoch else 0
         epoch_start = step - first_batch
         for batch in range(first_batch, steps_per_epoch):
-            # every random number is drawn for the whole batch; under torchrun each process keeps its share
-            index = run.share(order[batch * B:(batch + 1) * B])  # valid by construction: no check
-            theta = run.share(random_affine(B, **run.affine_ranges, generator=run.augment_gen, device=device))
-            eps = run.share(torch.randn(B, args.latent, device=device))
+            # every random number is drawn for the whole batch; under torchrun each process keeps its rows, mine
+            index = order[batch * B:(batch + 1) * B][mine]  # valid by construction: no check
+            theta = random_affine(B, **run.affine_ranges, generator=run.augment_gen, device=device)[mine]
+            eps = torch.randn(B, args.latent, device=device)[mine]
             # the augmented image is both the encoder's input and the reconstruction's target
             x = warp_batch(bank, index, theta, S, padding="reflection", check_index=False)
             with run.autocast:

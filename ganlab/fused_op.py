@@ -377,6 +377,10 @@ class DiffAugParams(NamedTuple):
     translation: torch.Tensor  # (B, 2) int64 (ty, tx): out[y, x] = in[y + ty, x + tx], 0 outside
     cutout: torch.Tensor       # (B, 4) int64 (top, left, bottom, right): zeroed, may overhang
 
+    def select(self, rows):
+        """The parameters of some of the images: rows, an index or slice of the batch dimension."""
+        return DiffAugParams(*(part[rows] for part in self))
+
 
 DIFFAUG_POLICIES = ("color", "translation", "cutout")  # the parts of DiffAugment a policy names
 

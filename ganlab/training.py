@@ -9,7 +9,6 @@ updates) and call this module in one line where something of the machinery happe
                                      device and seeds, and join the other processes under torchrun
     run.load_images()                the dataset as one uint8 tensor (N, 3, S, S) on the device
     run.wrap(module)                 torch.compile (--compile) and DistributedDataParallel (torchrun)
-    run.share(x)                     this process's part of a batch that every process drew whole
     run.restore(...) / run.save(...) checkpoints: exact resume (weights, optimizers, random states)
     run.log(step, loss=...)          curves and progress bar, every --log-every steps; NaN stop
     run.stop_requested()             True after Ctrl-C or SIGTERM: save and stop
@@ -17,8 +16,9 @@ updates) and call this module in one line where something of the machinery happe
     parse_augment(spec)              --augment's value -> fused_op.random_affine's arguments
 
 Several processes (torchrun, DistributedDataParallel): every process draws the same random
-numbers for the whole --batch-size and keeps its share (run.share), so one process is exactly a
-plain `python` run, and a checkpoint has no rank in it. Process 0 (the global RANK) writes every
+numbers for the whole --batch-size and keeps its own rows (the scripts' `mine`: rows run.rank *
+B / run.world onwards), so one process is exactly a plain `python` run, and a checkpoint has no
+rank in it. Process 0 (the global RANK) writes every
 file and prints every line; the losses are averaged over the processes before they are logged,
 so every process takes the same NaN and Ctrl-C decision at the same step.
 """
@@ -396,16 +396,6 @@ class Run:
             module = ddp(module, device_ids=[self.device] if self.device.type == "cuda" else None, **no_sync)
             self._wrapped.append(module)
         return torch.compile(module) if self.args.compile else module
-
-    def share(self, batch):
-        """This process's part of a batch drawn whole (B, ...) -> (B / processes, ...); a tuple of
-        such batches (fused_op.DiffAugParams) part by part. One process: the batch itself."""
-        if self.world == 1:
-            return batch
-        if isinstance(batch, tuple):
-            return type(batch)(*(self.share(part) for part in batch))
-        size = len(batch) // self.world
-        return batch[self.rank * size:(self.rank + 1) * size]
 
     def _average(self, values):
         dist.all_reduce(values, op=dist.ReduceOp.SUM)

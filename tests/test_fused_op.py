@@ -260,6 +260,16 @@ def test_diffaug_extreme_params_and_non_contiguous_input():
     torch.testing.assert_close(fused_op.diff_augment(x, p), published_diffaugment(x, p), atol=1e-5, rtol=0)
 
 
+def test_diffaug_rows_of_a_batch_are_augmented_as_in_the_whole_batch():
+    # under torchrun each process keeps its rows of parameters drawn for the whole batch (select)
+    x = torch.rand(6, 3, 10, 10) * 2 - 1
+    p = fused_op.random_diffaug(6, 10, 10, generator=torch.Generator().manual_seed(5))
+    rows = slice(3, 6)
+    assert all(torch.equal(part, whole[3:6]) for part, whole in zip(p.select(rows), p))
+    torch.testing.assert_close(fused_op.diff_augment(x[rows], p.select(rows)), published_diffaugment(x, p)[rows],
+                               atol=1e-5, rtol=0)
+
+
 def test_diffaug_gradcheck():
     x = torch.randn(3, 3, 6, 7, dtype=torch.float64, requires_grad=True)
     p = params_for(x, seed=11)

@@ -211,11 +211,11 @@ optimizers = [torch.optim.Adam(m.parameters(), lr=1e-3, betas=(0.0, 0.9)) for m 
 for step in range(3):
     real, fake = torch.rand(8, 3, 16, 16) * 2 - 1, torch.rand(8, 3, 16, 16) * 2 - 1
     e = torch.rand(8, 1, 1, 1)
-    for net, wrapped, share, opt in [(D, D_train, run.share, optimizers[0]),
-                                     (alone, alone, lambda x: x, optimizers[1])]:
-        r, f = share(real), share(fake)
+    mine = slice(run.rank * 4, (run.rank + 1) * 4)  # this process's rows, as the scripts take them
+    for net, wrapped, rows, opt in [(D, D_train, mine, optimizers[0]), (alone, alone, slice(None), optimizers[1])]:
+        r, f = real[rows], fake[rows]
         loss = wgan.mean(wrapped(f)) - wgan.mean(wrapped(r))
-        loss = loss + 10 * wgan.gradient_penalty(net, r, f, share(e), contextlib.nullcontext())
+        loss = loss + 10 * wgan.gradient_penalty(net, r, f, e[rows], contextlib.nullcontext())
         opt.zero_grad()
         loss.backward()
         opt.step()
