@@ -251,10 +251,10 @@ def main(argv=None):
                 training.ema_update(G_ema, G, args.ema, step)
             step += 1
 
-            # the curves: kept on the device, fetched every --log-every steps (one transfer); a NaN or inf
-            # there stops the run (SystemExit), keeping the last good checkpoint. D_x and D_G_z: D's mean
-            # output on the last D step's reals and fakes, augmented as D saw them
+            # the curves: kept on the device, fetched every --log-every steps (one transfer). D_x and D_G_z:
+            # D's mean output on the last D step's reals and fakes, augmented as D saw them
             run.log(step, epoch, loss_D=loss_d, loss_G=loss_g, D_x=d_real.float().mean(), D_G_z=d_fake.float().mean())
+            run.stop_if_nonfinite()  # a NaN or inf among the fetched losses: exits, the last checkpoint kept
             if run.stop_requested():  # Ctrl-C or SIGTERM: a checkpoint to resume from, then stop
                 run.save(dict(epoch=epoch, batch=batch + 1, step=step), **state)
                 run.stopped(step)  # says how to resume, then exits 130 (143 on SIGTERM): no samples

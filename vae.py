@@ -406,8 +406,9 @@ def main(argv=None):
             model.decoder.track_scale(torch.exp(2 * log_scale))
             step += 1
 
-            # the curves: kept on the device, fetched every --log-every steps (one transfer); a NaN stops
+            # the curves: kept on the device, fetched every --log-every steps (one transfer)
             run.log(step, epoch, neg_elbo=loss, recon=recon, kl=kl, scale=torch.exp(log_scale))
+            run.stop_if_nonfinite()  # a NaN or inf among the fetched losses: exits, the last checkpoint kept
             if run.stop_requested():  # Ctrl-C or SIGTERM: a checkpoint to resume from, then stop
                 seconds += time.time() - started
                 run.save(dict(epoch=epoch, batch=batch + 1, step=step, seconds=seconds, history=history),

@@ -10,7 +10,8 @@ updates) and call this module in one line where something of the machinery happe
     run.load_images()                the dataset as one uint8 tensor (N, 3, S, S) on the device
     run.wrap(module)                 torch.compile (--compile) and DistributedDataParallel (torchrun)
     run.restore(...) / run.save(...) checkpoints: exact resume (weights, optimizers, random states)
-    run.log(step, loss=...)          curves and progress bar, every --log-every steps; NaN stop
+    run.log(step, loss=...)          curves and progress bar, every --log-every steps
+    run.stop_if_nonfinite()          exit if a logged loss was NaN or inf (the last good checkpoint kept)
     run.stop_requested()             True after Ctrl-C or SIGTERM: save and stop
     ema_update(G_ema, G, decay)      the moving average of G's weights that samples come from
     parse_augment(spec)              --augment's value -> fused_op.random_affine's arguments
@@ -468,7 +469,7 @@ class Run:
         """Write the checkpoint (process 0, atomically) and the curves, unless a loss went NaN or
         infinite since the last fetch: then the last good checkpoint stays as it is."""
         self.curves.flush()
-        self._stop_if_nonfinite()
+        self.stop_if_nonfinite()
         self._check_in_sync(state)
         saved = {name: self._state_dict(value) for name, value in state.items()}  # in every process
         if self.main:
@@ -537,11 +538,10 @@ class Run:
 
     def log(self, step, epoch, **values):
         """Record this step's losses (0-dim tensors, left on the device); every --log-every steps
-        fetch them (averaged over the processes), update the progress bar and stop on a NaN."""
+        fetch them (averaged over the processes) and update the progress bar."""
         shown = self.curves.append(step, **values)
         self._last_step, self._fetched = step, shown is not None
         if shown:
-            self._stop_if_nonfinite()
             self._bar.update(step * self._images_per_step - self._bar.n)
             self._bar.set_postfix_str(f"epoch {epoch + 1} " + " ".join(f"{k} {v:.3f}" for k, v in shown.items()))
 
@@ -557,7 +557,9 @@ class Run:
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         return stop.item() > 0
 
-    def _stop_if_nonfinite(self):
+    def stop_if_nonfinite(self):
+        """If a loss fetched by log() was NaN or infinite: stop with a message (SystemExit), keeping the
+        last good checkpoint. Every process sees the same averaged losses, so all stop at the same step."""
         if self.curves.nonfinite:
             bad_step, name = self.curves.nonfinite
             self.save_curves()

@@ -72,6 +72,25 @@ def test_noise_and_blurred_blobs_score_at_the_bottom(trained):
         assert result["covered"] <= 12, name
 
 
+def test_named_allows_blur_but_not_wrong_backgrounds(trained):
+    # the measure for blurred samples (a VAE's): a blur by scipy that "recognised" refuses keeps shape and
+    # background named; a blend of two backgrounds, a background the set lacks, and noise are not named
+    model = trained[0]
+    x, labels = data.make_shapes(400, 32, seed=82, labels=True)
+    blurred = np.rint(ndimage.gaussian_filter(x.astype(np.float64), (0, 0, 1.5, 1.5), mode="mirror")).astype(np.uint8)
+    result = modes.score(torch.from_numpy(blurred), model)
+    assert result["named"] >= 0.9 and result["recognised"] <= result["named"] - 0.3
+    # the border colour gives each image its own background back
+    np.testing.assert_array_equal(modes.border_background(torch.from_numpy(blurred)).numpy(), labels["background"])
+    other = labels["background"] != labels["background"][0]
+    blend = (x[other].astype(np.float64) + x[0].astype(np.float64)) / 2  # two backgrounds mixed half and half
+    olive = np.array([130, 150, 40], np.uint8)[None, :, None, None] * np.ones((50, 3, 32, 32), np.uint8)
+    noise = np.random.default_rng(6).integers(0, 256, (200, 3, 32, 32), dtype=np.uint8)
+    for name, images in (("blends", np.rint(blend).astype(np.uint8)), ("olive", olive), ("noise", noise)):
+        assert modes.score(torch.from_numpy(images), model)["named"] <= 0.02, name
+    assert modes.score(torch.from_numpy(x), model)["named"] >= 0.98
+
+
 def test_a_collapsed_generator_scores_log_36(trained):
     model = trained[0]
     one = icons(1, seed=79).expand(500, -1, -1, -1)
