@@ -14,20 +14,16 @@ s fitted to the error. It maximizes the evidence lower bound, i.e. minimizes, pe
 Everything goes to --out (default out/vae-<data>/), rewritten every epoch: elbo.csv and elbo.png
 (-ELBO and its two terms per epoch, on the training batches and on a held-out split), curves.csv
 and curves.png (the same per step), reconstructions.png (8 held-out images above their
-reconstructions), samples.png (64 draws from the prior N(0, I), decoded; the same z every epoch),
-checkpoint.pt (--resume continues it exactly); with --sample N the images samples/1.png ... N.png
-(and NAME.zip with --zip NAME) in the GAN scripts' format, so that one tool scores both.
-tools/vae_sweep.py compares latent sizes and batch sizes.
+reconstructions), samples.png (64 decoded draws, the same every epoch), checkpoint.pt (--resume
+continues it exactly); with --sample N the images samples/1.png ... N.png (and NAME.zip with --zip
+NAME) as the GAN scripts write them. tools/vae_sweep.py compares latent sizes and batch sizes.
 
-Measured on a 2-core CPU (docs/results.md): `python vae.py` (189 s of CPU) reconstructs the icons
-closely; its prior samples show the four shapes on washed-out backgrounds (modes.py: 1.5%). On the
-anime faces at 32x32, 8 epochs: FID 155.0, between dcgan.py's 131.9 and lsgan.py's 172.7. VAE
-samples are blurrier than a GAN's: where the code does not pin an image down, the Gaussian's best
-guess is an average.
+Measured on a 2-core CPU (docs/results.md): `python vae.py` reconstructs the icons closely, and its
+samples from the mixture fitted to the codes have the set's backgrounds (tools/modes.py: recognised
+82.9%, named 90.1%; drawn from N(0, I): 1.2%, 13.9%, see "the prior hole"). 32x32 faces: FID 155.0.
 """
 
 import argparse
-import csv
 import math
 import os
 import time
@@ -38,7 +34,7 @@ import torch.nn as nn
 from ganlab import flags
 from ganlab import training
 from ganlab.fused_op import random_affine, to_device, warp_batch
-from ganlab.outputs import save_grid
+from ganlab.outputs import save_grid, write_elbo_curves
 
 # -----------------------------------------------------------------------------
 # settings: `python vae.py --help` lists them all with their defaults
@@ -49,6 +45,9 @@ group = parser.add_argument_group("model")
 group.add_argument("--latent", type=flags.positive_int, default=128, help="dimension of the latent z")
 group.add_argument("--width", type=flags.positive_int, default=32,
                    help="channels of the encoder's first layer (the decoder's last hidden one), doubled per halving")
+group.add_argument("--prior-mixture", type=flags.nonnegative_int, default=0, metavar="K",
+                   help="draw samples from a mixture of K Gaussians fitted to the training codes, not from the prior "
+                        "N(0, I): where the codes leave holes in N(0, I) (see 'the prior hole'); 0: from N(0, I)")
 group = parser.add_argument_group("training")
 group.add_argument("--lr", type=flags.positive_float, default=1e-3, help="learning rate (Adam)")
 group.add_argument("--holdout", type=flags.positive_float, default=0.05,
@@ -58,9 +57,7 @@ training.add_run_flags(parser, epochs=20, batch_size=64, augment="flip", what_sa
 MUST_MATCH = ["image_size", "latent", "width", "data", "max_images", "holdout"]
 # per data set, the settings that differ from the defaults above (measured: docs/results.md); a flag given
 # on the command line wins. shapes: the built-in icons, about 3 CPU-minutes
-DATA_DEFAULTS = {
-    "shapes": dict(max_images=5000, epochs=24, latent=8),
-}
+DATA_DEFAULTS = {"shapes": dict(max_images=5000, epochs=24, latent=8, prior_mixture=64)}
 
 # -----------------------------------------------------------------------------
 # the model
@@ -132,8 +129,7 @@ class Decoder(nn.Module):
             layers.append(nn.ConvTranspose2d(c_in, c, 4, 2, 1, bias=c == 3))
             if c != 3:
                 layers += [nn.BatchNorm2d(c), nn.ReLU()]
-        # no tanh on the output: x_hat is the mean of a Gaussian, which needs no bounds; images
-        # are clamped to [-1, 1] only when they are saved
+        # no tanh on the output: x_hat is a Gaussian's mean, which needs no bounds (clamped only when saved)
         self.deconv = nn.Sequential(*layers)
         # s^2 of p(x|z) = N(x_hat, s^2 I) for held-out images and samples: the running mean of the
         # training batches' s^2 (see "the loss"), kept like batch norm's running statistics
@@ -178,36 +174,27 @@ def reparameterize(mu, logvar, eps):
 # the loss: negative ELBO = reconstruction + KL, each summed over its dimensions, one value per image
 #
 # ELBO(x) = E_q(z|x)[log p(x|z)] - KL(q(z|x) || p(z))  <=  log p(x)
-# We minimize its negative. Both terms are SUMS over the dimensions of one image (pixels for the
-# first, latent units for the second), because the ELBO is a bound on the log density of the whole
-# image; averaging one of them over its dimensions instead silently reweights the two (a common
-# slip). Over the images of a batch we take the MEAN, so the loss is "nats per image" whatever the
-# batch size, and the learning rate means the same thing for every --batch-size.
+# Both terms are SUMS over the dimensions of one image (pixels, latent units): the ELBO bounds the
+# log density of the whole image, and averaging one of them instead silently reweights the two (a
+# common slip). Over a batch we take the MEAN: "nats per image", whatever the --batch-size.
 #
-# Why a Gaussian whose scale s is fitted to the reconstruction error, for p(x|z): the pixels are
-# continuous values in [-1, 1] (Lanczos-resized, bilinearly augmented), not coin flips, so the
-# Bernoulli/BCE likelihood of pytorch/examples is not a density for them and its ELBO bounds
-# nothing. A Gaussian with a FIXED s is the squared error times 1 / (2 s^2): s then decides how
-# much reconstruction counts against the KL (a hidden beta: s = 1 on [-1, 1] data gives blurry
-# mush; a tiny s, an autoencoder whose latents the KL no longer pulls toward the prior, so prior
-# samples are poor). So s is not a constant we pick but a parameter of the likelihood, and for a
-# given decoder its maximum-likelihood value has a closed form: d/ds of the NLL is zero at
-# s^2 = mean squared error. Each training step uses that value for its batch (the "optimal
-# sigma-VAE" of Rybkin et al. 2021). Learning log s by gradient steps gets there too, but Adam
-# moves it by about --lr a step, thousands of steps from s = 1, and meanwhile the weak
-# reconstruction term lets the KL switch latent units off. (Measured, 6,000 faces at 32x32, one
-# epoch: held-out -ELBO 2877 nats with a learned s, KL 25; 1399 with this one, KL 101.)
-# Held-out images and samples use the running mean of the batches' s^2, a number fixed before
-# they are seen, so the held-out ELBO is a true bound, comparable between runs.
-# s is kept above the 8-bit grid's own rounding noise (std 1 / (127.5 sqrt(12))): the data say
-# nothing finer, and s -> 0 would send the loss to minus infinity on a memorized batch.
+# p(x|z) is a Gaussian N(x_hat, s^2 I): the pixels are continuous values in [-1, 1] (resized,
+# bilinearly augmented), so a Bernoulli likelihood (binarized MNIST's) is no density for them. A FIXED
+# s weighs the squared error by 1 / (2 s^2) against the KL (a hidden beta: s = 1 on [-1, 1] gives blurry
+# mush, a tiny s an autoencoder). Here s is a parameter of the likelihood, with a closed-form maximum:
+# s^2 = the mean squared error, taken for each batch (the "optimal sigma-VAE", Rybkin et al. 2021).
+# Learning log s by gradient steps gets there too, slowly (Adam moves it about --lr a step), and
+# meanwhile the weak reconstruction term lets the KL switch latent units off (measured, 6,000 faces at
+# 32x32, one epoch: held-out -ELBO 2877 nats with a learned s, KL 25; 1399 with this one, KL 101).
+# Held-out images use the running mean of the batches' s^2, fixed before they are seen, so the held-out
+# ELBO is a true bound. s stays above the 8-bit grid's rounding noise (std 1 / (127.5 sqrt(12))): the
+# data say nothing finer, and s -> 0 would send the loss to minus infinity on a memorized batch.
 MIN_SCALE_SQ = 1 / (127.5 ** 2 * 12)
 
 
 def best_log_scale(x, x_hat):
-    """log s with s^2 = the batch's mean squared error (at least MIN_SCALE_SQ): the s that
-    maximizes the batch's likelihood. A number, not part of the graph (detached): at the optimum
-    the loss does not change with s, so no gradient is lost."""
+    """log s with s^2 = the batch's mean squared error (at least MIN_SCALE_SQ): the s that maximizes the
+    batch's likelihood. Detached: at the optimum the loss does not change with s, so no gradient is lost."""
     return 0.5 * torch.log(((x - x_hat) ** 2).mean().detach().clamp(min=MIN_SCALE_SQ))
 
 
@@ -225,12 +212,9 @@ def kl_divergence(mu, logvar):
 
 
 def bits_per_dim(nats_per_image, dims):
-    """Negative ELBO in nats per image (continuous density on [-1, 1]) -> bits per 8-bit subpixel.
-
-    Pixel p is stored as p / 127.5 - 1, so the 8-bit values are 1 / 127.5 apart. A density on
-    [-1, 1] times that bin width approximates the probability of the 8-bit value (Theis et al.
-    2016): add log(127.5) nats per dimension, then divide by ln 2.
-    """
+    """Negative ELBO in nats per image (a density on [-1, 1]) -> bits per 8-bit subpixel. Pixel p is
+    stored as p / 127.5 - 1: a density times that bin width, 1 / 127.5, approximates the probability of
+    the 8-bit value (Theis et al. 2016), so add log(127.5) nats per dimension, then divide by ln 2."""
     return (nats_per_image / dims + math.log(127.5)) / math.log(2)
 
 
@@ -240,9 +224,8 @@ def bits_per_dim(nats_per_image, dims):
 
 @torch.no_grad()
 def evaluate(model, bank, heldout_index, autocast):
-    """-ELBO, its two terms and the squared error per pixel, averaged over the held-out images.
-    Batch norm in eval mode, no augmentation, and the same eps at every call, so that the numbers
-    of two epochs (or two runs) differ only by the model."""
+    """-ELBO, its two terms and the squared error per pixel, averaged over the held-out images. Batch norm in
+    eval mode, no augmentation, the same eps at every call: two epochs' (or runs') numbers differ by the model."""
     model.eval()
     sums = torch.zeros(4, device=bank.device)
     noise = torch.Generator().manual_seed(1)
@@ -271,49 +254,67 @@ def decode(model, z, autocast):
     return x
 
 
-def write_figures(folder, model, heldout_images, fixed_z, autocast):
+def write_figures(folder, model, heldout_images, mixture, seed, autocast):
     """reconstructions.png: 8 held-out images above their reconstructions, decoded from the
     posterior mean mu (a sampled z would add the posterior's noise to what the model can rebuild);
-    samples.png: 64 prior draws, the same z every epoch."""
+    samples.png: 64 draws (N(0, I), or the fitted mixture), the same random numbers every epoch."""
     model.eval()
     with torch.no_grad(), autocast:
         mu = model.encoder(heldout_images)[0]
     model.train()
     images = torch.cat([heldout_images, decode(model, mu, autocast)])
     save_grid(images, os.path.join(folder, "reconstructions.png"), nrow=len(heldout_images))
-    save_grid(decode(model, fixed_z, autocast), os.path.join(folder, "samples.png"))
+    z = draw_latents(64, model.latent, torch.Generator().manual_seed(seed), mixture).to(heldout_images.device)
+    save_grid(decode(model, z, autocast), os.path.join(folder, "samples.png"))
 
 
-ELBO_COLUMNS = ["epoch", "step"] + [f"{split}_{name}" for split in ["train", "heldout"]
-                                    for name in ["neg_elbo", "recon", "kl", "scale"]] + [
-               "heldout_bits_per_dim", "heldout_mse"]
+# -----------------------------------------------------------------------------
+# the prior hole: N(0, I) draws that land where no training code is. On the built-in icons the codes
+# form a tight cluster per mode (posterior sigma about 0.03) spread over 2 to 3 standard deviations, the
+# backgrounds in a row, white - yellow - black: most N(0, I) draws fall between clusters and decode to
+# blends, olive and pale yellow (docs/results.md). A stronger KL (a larger s) narrows the spread but
+# keeps the clusters apart; a Gaussian mixture fitted to the codes (Ghosh et al. 2020) has no holes.
 
 
-def write_elbo_curve(history, folder):
-    """history (one dict per epoch) -> elbo.csv and elbo.png: -ELBO, reconstruction and KL per
-    epoch; training (the mean over the epoch's augmented batches, weights changing as they go)
-    against held-out (measured at the end of the epoch). Each file is written whole, then renamed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+@torch.no_grad()
+def fit_code_mixture(model, bank, index, k, autocast):
+    """--prior-mixture K: the mixture fitted to the posterior means mu of the images bank[index]; None if k is 0."""
+    if k == 0:
+        return None
+    model.eval()
+    with autocast:  # the codes (N, latent), 500 images at a time
+        codes = torch.cat([model.encoder(bank[index[i:i + 500]].float() / 127.5 - 1)[0].float()
+                           for i in range(0, len(index), 500)])
+    model.train()
+    return gaussian_mixture(codes, min(k, len(codes)))
 
-    path = os.path.join(folder, "elbo.csv")
-    with open(path + ".tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, ELBO_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()} for row in history)
-    os.replace(path + ".tmp", path)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
-    for ax, name, title in zip(axes, ["neg_elbo", "recon", "kl"], ["-ELBO = reconstruction + KL (the loss)",
-                               "reconstruction: -E_q[log p(x|z)]", "KL(q(z|x) || N(0, I))"]):
-        for split, style, label in [("train", "-", "training"), ("heldout", "o-", "held-out")]:
-            ax.plot([h["epoch"] for h in history], [h[f"{split}_{name}"] for h in history], style, label=label)
-        ax.set(title=title, xlabel="epoch", ylabel="nats per image")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.savefig(os.path.join(folder, "elbo.png.tmp"), format="png", dpi=100)
-    plt.close(fig)
-    os.replace(os.path.join(folder, "elbo.png.tmp"), os.path.join(folder, "elbo.png"))
+
+def gaussian_mixture(codes, k, iterations=50):
+    """A mixture of k Gaussians with diagonal covariances fitted to codes (N, D) by EM (k codes of a
+    fixed draw as the first means) -> (log weights (k,), means (k, D), variances (k, D))."""
+    means = codes[torch.randperm(len(codes), generator=torch.Generator().manual_seed(0))[:k].to(codes.device)]
+    variances = codes.var(dim=0).expand(k, -1).clone()
+    log_weights = torch.full((k,), -math.log(k), device=codes.device)
+    for _ in range(iterations):
+        # E step: r[i, j] = p(component j | code i) from log w_j + log N(code_i | mean_j, diag(variance_j)), with
+        # sum_d (c_d - m_d)^2 / v_d expanded so that no (N, k, D) tensor is made
+        log_p = log_weights - 0.5 * (codes ** 2 @ (1 / variances).T - 2 * codes @ (means / variances).T
+                                     + (means ** 2 / variances + variances.log()).sum(dim=1))
+        r = log_p.softmax(dim=1)  # (N, k)
+        # M step: each component's weight, mean and variance from the codes, weighted by r
+        n = r.sum(dim=0) + 1e-8
+        log_weights, means = (n / len(codes)).log(), (r.T @ codes) / n[:, None]
+        variances = ((r.T @ codes ** 2) / n[:, None] - means ** 2).clamp(min=1e-4)
+    return log_weights, means, variances
+
+
+def draw_latents(count, latent, generator, mixture=None):
+    """count latents (count, latent) on the CPU: from the prior N(0, I), or from a fitted mixture."""
+    if mixture is None:
+        return torch.randn(count, latent, generator=generator)
+    log_weights, means, variances = (t.cpu() for t in mixture)
+    j = torch.multinomial(log_weights.exp(), count, replacement=True, generator=generator)  # a component each
+    return means[j] + variances[j].sqrt() * torch.randn(count, latent, generator=generator)
 
 
 # -----------------------------------------------------------------------------
@@ -357,18 +358,15 @@ def main(argv=None):
               f"{steps_per_epoch} steps of {B} per epoch on {device}")
     mine = slice(run.rank * B // run.world, (run.rank + 1) * B // run.world)  # this process's rows (torchrun)
 
-    # the model, and model_train: the same network as the training steps call it (compiled with
-    # --compile, DistributedDataParallel under torchrun); checkpoints, measurements and samples use model
+    # the model; model_train: the same network as the training steps call it (--compile, torchrun's DDP)
     try:
         model = VAE(S, args.latent, args.width).to(device)
     except ValueError as error:
         run.error(f"{error} (the data's images are {S}x{S})")
     model_train = run.wrap(model)
-    fixed_z = torch.randn(64, args.latent, generator=torch.Generator().manual_seed(args.seed)).to(device)
     shown = bank[heldout_index[:8]].float() / 127.5 - 1  # the held-out images of reconstructions.png
 
-    # optimizer: Adam with its default betas; the VAE objective is a plain minimization (no
-    # opponent, unlike the GANs), so the usual momentum 0.9 suits it
+    # optimizer: Adam with its default betas: a plain minimization (no opponent, unlike the GANs)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     # resume: weights, optimizer moments, position in the data, random states, curves, the ELBO history
     position = (run.restore(model=model, optimizer=optimizer) if run.checkpoint else
@@ -393,8 +391,7 @@ def main(argv=None):
             with run.autocast:
                 x_hat, mu, logvar = model_train(x, eps)
             x_hat, mu, logvar = x_hat.float(), mu.float(), logvar.float()  # the loss in float32
-            # s of p(x|z): the best one for this batch, s^2 = its mean squared error (under torchrun,
-            # each process's share's, as with batch norm's statistics)
+            # s of p(x|z): the best one for this batch, s^2 = its mean squared error (this process's rows')
             log_scale = best_log_scale(x, x_hat)
             # -ELBO per image = reconstruction + KL (each summed over its dimensions), mean over the images
             recon = reconstruction_nll(x, x_hat, log_scale).mean()
@@ -423,23 +420,25 @@ def main(argv=None):
         run.save(dict(epoch=epoch + 1, batch=0, step=step, seconds=seconds, history=history),
                  model=model, optimizer=optimizer)
         if run.main:
-            write_elbo_curve(history, args.out)
-            write_figures(args.out, model, shown, fixed_z, run.autocast)
+            write_elbo_curves(history, args.out)
+            mixture = fit_code_mixture(model, bank, train_index, args.prior_mixture, run.autocast)
+            write_figures(args.out, model, shown, mixture, args.seed, run.autocast)
         run.write(f"epoch {epoch + 1}/{args.epochs}: step {step}, held-out -ELBO {result['neg_elbo']:.1f} = "
                   f"reconstruction {result['recon']:.1f} + KL {result['kl']:.1f} nats/image "
                   f"({result['bits_per_dim']:.3f} bits/dim), MSE per pixel {result['mse']:.4f}")
         started = time.time()  # the measurement and the figures do not count as training time
     run.finish()
 
-    # the final numbers (and the figures, unless the last epoch has just drawn them); prior samples
+    # the final numbers (and the figures, unless the last epoch has just drawn them); samples
     result = evaluate(model, bank, heldout_index, run.autocast)
+    mixture = fit_code_mixture(model, bank, train_index, args.prior_mixture, run.autocast)
     if run.main and not run.epochs_left:
-        write_elbo_curve(history, args.out)
-        write_figures(args.out, model, shown, fixed_z, run.autocast)
+        write_elbo_curves(history, args.out)
+        write_figures(args.out, model, shown, mixture, args.seed, run.autocast)
     sample_gen = torch.Generator().manual_seed(args.seed + 1)
 
-    def generate(count):  # at most 500 prior samples at a time, decoded
-        return decode(model, torch.randn(min(count, 500), args.latent, generator=sample_gen).to(device), run.autocast)
+    def generate(count):  # 500 draws at a time, cut to count: sample i is the same whatever --sample N
+        return decode(model, draw_latents(500, args.latent, sample_gen, mixture)[:count].to(device), run.autocast)
 
     run.write_samples(generate)
     run.print(f"held-out -ELBO {result['neg_elbo']:.1f} nats/image ({result['bits_per_dim']:.3f} bits/dim), "

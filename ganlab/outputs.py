@@ -10,6 +10,7 @@ Shared by vae.py, dcgan.py, lsgan.py and wgan.py (and swd.py, modes.py), so each
     write_json(path, content)           indented JSON, atomically
     CurveLog(every=20)                  per-step scalars kept on the device, fetched every few steps;
                                         .save(folder) writes curves.csv and curves.png (raw + smoothed)
+    write_elbo_curves(history, folder)  vae.py's per-epoch ELBO, training and held-out: elbo.csv, elbo.png
 
 Every file is written under a temporary name in its destination folder and renamed when
 complete, so a crash, Ctrl-C or a full disk never leaves a truncated file under the final name.
@@ -384,3 +385,43 @@ class CurveLog:
         self.steps = state["steps"].tolist()
         self.rows = state["values"].tolist()
         self._pending_steps, self._pending = [], []
+
+
+# -----------------------------------------------------------------------------
+# vae.py's per-epoch curves
+
+
+ELBO_COLUMNS = ["epoch", "step"] + [f"{split}_{name}" for split in ["train", "heldout"]
+                                    for name in ["neg_elbo", "recon", "kl", "scale"]] + [
+               "heldout_bits_per_dim", "heldout_mse"]
+
+
+def write_elbo_curves(history, folder):
+    """history (one dict per epoch) -> elbo.csv and elbo.png (both atomically): -ELBO, reconstruction
+    and KL per epoch; training (the mean over the epoch's augmented batches, weights changing as
+    they go) against held-out (measured at the end of the epoch)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def write_csv(f):
+        text = io.StringIO()
+        writer = csv.DictWriter(text, ELBO_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()} for row in history)
+        f.write(text.getvalue().encode())
+
+    def plot(f):
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
+        for ax, name, title in zip(axes, ["neg_elbo", "recon", "kl"], ["-ELBO = reconstruction + KL (the loss)",
+                                   "reconstruction: -E_q[log p(x|z)]", "KL(q(z|x) || N(0, I))"]):
+            for split, style, label in [("train", "-", "training"), ("heldout", "o-", "held-out")]:
+                ax.plot([h["epoch"] for h in history], [h[f"{split}_{name}"] for h in history], style, label=label)
+            ax.set(title=title, xlabel="epoch", ylabel="nats per image")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.savefig(f, format="png", dpi=100)
+        plt.close(fig)
+
+    atomic_write(os.path.join(folder, "elbo.csv"), write_csv)
+    atomic_write(os.path.join(folder, "elbo.png"), plot)

@@ -374,6 +374,43 @@ def test_sample_from_a_checkpoint(tmp_path, capsys):
     assert "again.zip exists" in usage_error(capsys, ["--resume", ckpt, "--sample", "3", "--zip", "again"])
 
 
+def test_gaussian_mixture_recovers_the_mixture_the_codes_came_from():
+    # oracle: the parameters the codes were drawn with (three clusters in 4 dimensions, unequal weights)
+    g = torch.Generator().manual_seed(3)
+    weights, means = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([[4.0, 0, 0, 0], [-4, 2, 0, 0], [0, -4, 3, 1]])
+    stds = torch.tensor([[0.5, 0.5, 0.5, 0.5], [1.0, 0.3, 0.3, 0.3], [0.2, 0.2, 1.5, 0.2]])
+    j = torch.multinomial(weights, 6000, replacement=True, generator=g)
+    codes = means[j] + stds[j] * torch.randn(6000, 4, generator=g)
+    log_w, m, v = vae.gaussian_mixture(codes, 3)
+    order = [int(torch.cdist(mean[None], m).argmin()) for mean in means]  # component found for each cluster
+    assert sorted(order) == [0, 1, 2]
+    torch.testing.assert_close(log_w.exp()[order], weights, atol=0.02, rtol=0)
+    torch.testing.assert_close(m[order], means, atol=0.1, rtol=0)
+    torch.testing.assert_close(v[order].sqrt(), stds, atol=0.05, rtol=0.05)
+    # draws from it have the mixture's moments: mean sum_j w_j m_j
+    z = vae.draw_latents(20000, 4, torch.Generator().manual_seed(4), (log_w, m, v))
+    torch.testing.assert_close(z.mean(0), weights @ means, atol=0.08, rtol=0)
+    assert vae.draw_latents(5, 4, torch.Generator().manual_seed(4)).shape == (5, 4)  # no mixture: N(0, I)
+
+
+@pytest.mark.usefixtures("quick_figures")
+def test_prior_mixture_samples_from_the_codes(tmp_path, monkeypatch):
+    run(tmp_path, "--epochs", 1)
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    fitted = []
+    real = vae.gaussian_mixture
+    monkeypatch.setattr(vae, "gaussian_mixture", lambda codes, k: fitted.append((codes.shape, k)) or real(codes, k))
+    vae.main(["--resume", ckpt, "--epochs", "0", "--sample", "6", "--prior-mixture", "4", "--out",
+              str(tmp_path / "mix")])
+    mixed = np.stack([np.asarray(Image.open(tmp_path / "mix" / "samples" / f"{i}.png")) for i in range(1, 7)])
+    vae.main(["--resume", ckpt, "--epochs", "0", "--sample", "6", "--prior-mixture", "0", "--out",
+              str(tmp_path / "normal")])
+    normal = np.stack([np.asarray(Image.open(tmp_path / "normal" / "samples" / f"{i}.png")) for i in range(1, 7)])
+    latent = torch.load(ckpt, weights_only=False)["args"]["latent"]
+    assert fitted == [((86, latent), 4)]  # --max-images 96 less 10 held out, encoded once; none for N(0, I)
+    assert not np.array_equal(mixed, normal)
+
+
 # -----------------------------------------------------------------------------
 # the flags
 
@@ -473,7 +510,7 @@ def test_help_lists_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ["--data", "--data-root", "--image-size", "--max-images", "--holdout", "--augment", "--latent",
                  "--width", "--epochs", "--batch-size", "--lr", "--seed", "--device", "--compile", "--log-every",
-                 "--out", "--resume", "--sample", "--zip", "--force", "--sync-batchnorm"]:
+                 "--out", "--resume", "--sample", "--zip", "--force", "--sync-batchnorm", "--prior-mixture"]:
         assert flag + " " in text
 
 
