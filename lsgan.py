@@ -16,7 +16,7 @@ samples/1.png ... N.png (and NAME.zip with --zip NAME). `diff dcgan.py lsgan.py`
 shows what another objective changes. README: results, and the commands that made them.
 
 Measured on a 2-core CPU (docs/results.md): the first command's samples, scored by tools/modes.py:
-52.6% recognised, 25 of 36 modes (one thread; dcgan.py 55.5%, 23); 32x32 anime faces: FID 172.7.
+52.6% recognised, 25 of 36 modes (one thread); 32x32 faces, 8 epochs: FID 172.7 (other real faces: 6.3).
 """
 
 import argparse
@@ -32,7 +32,7 @@ from ganlab.fused_op import diff_augment, random_affine, random_diffaug, warp_ba
 from ganlab.outputs import to_uint8
 
 # -----------------------------------------------------------------------------
-# settings: `python dcgan.py --help` lists them all with their defaults
+# settings: `--help` lists them all, with their defaults
 
 parser = argparse.ArgumentParser(description=flags.help_from_docstring(__doc__),
                                  formatter_class=flags.HelpFormatter)
@@ -160,13 +160,13 @@ def g_loss(d_gen):
 
 def main(argv=None):
     # the command line, checked before any work (see training.Run: the checkpoint's settings on
-    # --resume, DATA_DEFAULTS for --data shapes or lld (not on --resume), device, seed, torchrun's processes)
+    # --resume, else DATA_DEFAULTS for --data; device, seed, torchrun's processes)
     run = training.Run(parser, argv, __file__, MUST_MATCH, curve_groups=[["loss_D", "loss_G"], ["D_x", "D_G_z"]],
                        data_defaults=DATA_DEFAULTS)
     args, device = run.args, run.device
 
     # data: every image in one uint8 tensor bank (N, 3, S, S) on the device; S is --image-size (when not
-    # given: the checkpoint's, else as its help says). None is needed to only sample a finished run:
+    # given, load_images sets it: the images' own size). None is needed to only sample a finished run:
     # run.epochs_left, the epochs this command trains, is 0 then, and the epoch loop below never runs
     bank = run.load_images() if run.epochs_left else None
     S = args.image_size
@@ -174,6 +174,7 @@ def main(argv=None):
     steps_per_epoch = len(bank) // images_per_step if bank is not None else 0
     if run.epochs_left and steps_per_epoch == 0:
         run.error(f"--batch-size {args.batch_size} x --d-steps {args.d_steps} is more than the {len(bank)} images")
+    # (run.error: prints the message as a usage error and exits with status 2, as argparse does)
     # under torchrun, run.world processes each train on their own rows of every batch: all draw the whole
     # batch from the same generators (so a checkpoint has no rank in it) and keep their rows, `mine`;
     # DistributedDataParallel averages the gradients. One process (plain python): mine is the whole batch
@@ -206,6 +207,7 @@ def main(argv=None):
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(0.5, 0.999))
     # what a checkpoint holds besides the position; --resume loads each of them back, and the random states
     state = dict(G=G, D=D, G_ema=G_ema if args.ema else None, opt_g=opt_g, opt_d=opt_d, fixed_z=fixed_z)
+    # run.checkpoint: the dict loaded from --resume (None without); position: where it stopped
     position = run.restore(**state) if run.checkpoint else dict(epoch=0, batch=0, step=0)
     step = position["step"]
 
@@ -215,6 +217,7 @@ def main(argv=None):
         # (100,003: more than any epoch count, so no two (seed, epoch) pairs share a generator seed)
         order = torch.randperm(len(bank), device=device,
                                generator=torch.Generator(device).manual_seed(args.seed * 100_003 + epoch))
+        # batch counts this epoch's G steps; each takes --d-steps batches of --batch-size images for D
         for batch in range(position["batch"] if epoch == run.start_epoch else 0, steps_per_epoch):
             # (1) update D on reals and fakes: min d_loss (above), --d-steps times, each on a new batch
             for k in range(args.d_steps):
@@ -226,7 +229,7 @@ def main(argv=None):
                 index = order[first:first + args.batch_size][mine]
                 theta = random_affine(args.batch_size, **run.affine_ranges, generator=run.augment_gen,
                                       device=device)[mine]
-                real = warp_batch(bank, index, theta, S, padding="reflection", dtype=run.image_dtype,
+                real = warp_batch(bank, index, theta, S, padding="reflection", dtype=run.image_dtype,  # bf16 on GPUs
                                   check_index=False)  # indices from randperm are valid: no check, no sync
                 z = torch.randn(args.batch_size, args.nz, 1, 1, device=device)[mine]
                 with run.autocast:  # bf16 on a GPU, nothing on the CPU
@@ -258,7 +261,8 @@ def main(argv=None):
             if run.stop_requested():  # Ctrl-C or SIGTERM: a checkpoint to resume from, then stop
                 run.save(dict(epoch=epoch, batch=batch + 1, step=step), **state)
                 run.stopped(step)  # says how to resume, then exits 130 (143 on SIGTERM): no samples
-        run.save(dict(epoch=epoch + 1, batch=0, step=step), **state)  # checkpoint.pt, curves.csv/png
+        # checkpoint.pt, curves.csv/png; on a full disk, or a NaN since the last fetch, it exits (one line)
+        run.save(dict(epoch=epoch + 1, batch=0, step=step), **state)
         with torch.no_grad():
             run.save_grid(G_ema(fixed_z), epoch + 1, step)  # grid.png, and grids/ keeps every epoch's
         run.write(f"epoch {epoch + 1}/{args.epochs}: step {step}, {args.out}/grid.png, {run.ckpt_path}")
@@ -269,7 +273,7 @@ def main(argv=None):
             run.save_grid(G_ema(fixed_z))
 
     # --sample N: samples from the averaged G, in fp32 (bf16 keeps 8 bits of mantissa: a grey level of error)
-    sample_gen = torch.Generator().manual_seed(args.seed + 1)
+    sample_gen = torch.Generator().manual_seed(args.seed + 1)  # not fixed_z's noise
 
     def generate(count):  # always batches of 500, the last one cut to count: G's BatchNorm normalizes
         with torch.no_grad():  # over the batch it is given, so a batch of a few images would be off

@@ -37,7 +37,7 @@ from ganlab.fused_op import random_affine, to_device, warp_batch
 from ganlab.outputs import save_grid, write_elbo_curves
 
 # -----------------------------------------------------------------------------
-# settings: `python vae.py --help` lists them all with their defaults
+# settings: `--help` lists them all, with their defaults
 
 parser = argparse.ArgumentParser(description=flags.help_from_docstring(__doc__),
                                  formatter_class=flags.HelpFormatter)

@@ -10,10 +10,9 @@ sigmoid), restricted to 1-Lipschitz functions; the best critic's gap is the Wass
     D:  max  E_x D(x) - E_z D(G(z))
     G:  min  -E_z D(G(z))
 
-How D is kept Lipschitz: clip every weight of D to [-c, c] after each update (the paper: RMSprop
-5e-5, 5 critic updates per G update, c = 0.01), or with --gp L add the penalty
-L E (||grad D(x^)|| - 1)^2 at random points x^ between real and fake images (WGAN-GP: Adam 1e-4,
-betas (0, 0.9), no BatchNorm in the critic, since the penalty is per image).
+How D is kept Lipschitz: clip each weight of D to [-c, c] after each update (the paper: RMSprop 5e-5,
+5 critic updates per G update, c = 0.01), or with --gp L add L E (||grad D(x^)|| - 1)^2 at random points
+x^ between real and fake images (WGAN-GP: Adam 1e-4, betas (0, 0.9), no BatchNorm in the critic).
 
 Everything goes to --out (default out/<script>-<data>/): grid.png (64 samples from fixed noise,
 every epoch; grids/ keeps them all), curves.csv and curves.png (the losses), checkpoint.pt
@@ -21,11 +20,9 @@ every epoch; grids/ keeps them all), curves.csv and curves.png (the losses), che
 samples/1.png ... N.png (and NAME.zip with --zip NAME). `diff dcgan.py lsgan.py` (or wgan.py)
 shows what another objective changes. README: results, and the commands that made them.
 
-Measured on the 2-core development CPU (one thread): the first command draws icons of which
-tools/modes.py recognises 28.6% (14 of their 36 modes; dcgan.py 55.5%); without --d-steps 1 --lr-g 1e-3
---lr-d 1e-3, i.e. with the paper's 5 critic steps and lr 1e-4, the same 24 epochs leave G 360 steps
-and one repeated image (0%). On the real anime faces at 32x32, --gp 10 with the paper's settings,
-8 epochs (832 G steps): FID 321.6 against dcgan.py's 131.9, still learning.
+Measured on a 2-core CPU (docs/results.md): the first command's samples, scored by tools/modes.py: 28.6%
+recognised, 14 of 36 modes (with the paper's 5 critic steps and lr 1e-4 instead: one repeated image, 0%).
+32x32 anime faces, --gp 10, 8 epochs (832 G steps): FID 321.6, still learning.
 """
 
 import argparse
@@ -40,7 +37,7 @@ from ganlab.fused_op import diff_augment, random_affine, random_diffaug, warp_ba
 from ganlab.outputs import to_uint8
 
 # -----------------------------------------------------------------------------
-# settings: `python dcgan.py --help` lists them all with their defaults
+# settings: `--help` lists them all, with their defaults
 
 parser = argparse.ArgumentParser(description=flags.help_from_docstring(__doc__),
                                  formatter_class=flags.HelpFormatter)
@@ -180,9 +177,8 @@ def gradient_penalty(D, real, fake, e, autocast):
     x_hat = (e * real.float() + (1 - e) * fake.float()).requires_grad_(True)
     with autocast:
         score = D(x_hat)
-    # create_graph: the penalty is part of D's loss, so its own gradient is needed. Under torchrun
-    # this is the form DistributedDataParallel supports: the input gradient here, then one
-    # backward() of D's whole loss, which averages D's gradients (penalty included) once
+    # create_graph: the penalty is part of D's loss, so its own gradient is needed. Under torchrun this is the
+    # form DDP supports: the input gradient here, then one backward() of D's whole loss (averaged once)
     grad, = torch.autograd.grad(score.float().sum(), x_hat, create_graph=True)
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
@@ -192,7 +188,7 @@ def gradient_penalty(D, real, fake, e, autocast):
 
 def main(argv=None):
     # the command line, checked before any work (see training.Run: the checkpoint's settings on
-    # --resume, DATA_DEFAULTS for --data shapes or lld (not on --resume), device, seed, torchrun's processes)
+    # --resume, else DATA_DEFAULTS for --data; device, seed, torchrun's processes)
     run = training.Run(parser, argv, __file__, MUST_MATCH, curve_groups=[["loss_D", "loss_G"], ["D_x", "D_G_z"]],
                        data_defaults=DATA_DEFAULTS)
     args, device = run.args, run.device
@@ -200,7 +196,7 @@ def main(argv=None):
     args.lr_d = args.lr_d if args.lr_d is not None else 1e-4 if args.gp else 5e-5
 
     # data: every image in one uint8 tensor bank (N, 3, S, S) on the device; S is --image-size (when not
-    # given: the checkpoint's, else as its help says). None is needed to only sample a finished run:
+    # given, load_images sets it: the images' own size). None is needed to only sample a finished run:
     # run.epochs_left, the epochs this command trains, is 0 then, and the epoch loop below never runs
     bank = run.load_images() if run.epochs_left else None
     S = args.image_size
@@ -208,6 +204,7 @@ def main(argv=None):
     steps_per_epoch = len(bank) // images_per_step if bank is not None else 0
     if run.epochs_left and steps_per_epoch == 0:
         run.error(f"--batch-size {args.batch_size} x --d-steps {args.d_steps} is more than the {len(bank)} images")
+    # (run.error: prints the message as a usage error and exits with status 2, as argparse does)
     # under torchrun, run.world processes each train on their own rows of every batch: all draw the whole
     # batch from the same generators (so a checkpoint has no rank in it) and keep their rows, `mine`;
     # DistributedDataParallel averages the gradients. One process (plain python): mine is the whole batch
@@ -244,6 +241,7 @@ def main(argv=None):
         opt_d = torch.optim.RMSprop(D.parameters(), lr=args.lr_d)
     # what a checkpoint holds besides the position; --resume loads each of them back, and the random states
     state = dict(G=G, D=D, G_ema=G_ema if args.ema else None, opt_g=opt_g, opt_d=opt_d, fixed_z=fixed_z)
+    # run.checkpoint: the dict loaded from --resume (None without); position: where it stopped
     position = run.restore(**state) if run.checkpoint else dict(epoch=0, batch=0, step=0)
     step = position["step"]
 
@@ -253,6 +251,7 @@ def main(argv=None):
         # (100,003: more than any epoch count, so no two (seed, epoch) pairs share a generator seed)
         order = torch.randperm(len(bank), device=device,
                                generator=torch.Generator(device).manual_seed(args.seed * 100_003 + epoch))
+        # batch counts this epoch's G steps; each takes --d-steps batches of --batch-size images for D
         for batch in range(position["batch"] if epoch == run.start_epoch else 0, steps_per_epoch):
             # (1) update D: max E D(x) - E D(G(z)), i.e. min E D(G(z)) - E D(x), over Lipschitz D:
             #     + gp E (||grad D(x^)|| - 1)^2, or clip the weights after the step
@@ -265,7 +264,7 @@ def main(argv=None):
                 index = order[first:first + args.batch_size][mine]
                 theta = random_affine(args.batch_size, **run.affine_ranges, generator=run.augment_gen,
                                       device=device)[mine]
-                real = warp_batch(bank, index, theta, S, padding="reflection", dtype=run.image_dtype,
+                real = warp_batch(bank, index, theta, S, padding="reflection", dtype=run.image_dtype,  # bf16 on GPUs
                                   check_index=False)  # indices from randperm are valid: no check, no sync
                 z = torch.randn(args.batch_size, args.nz, 1, 1, device=device)[mine]
                 with run.autocast:  # bf16 on a GPU, nothing on the CPU
@@ -304,7 +303,8 @@ def main(argv=None):
             if run.stop_requested():  # Ctrl-C or SIGTERM: a checkpoint to resume from, then stop
                 run.save(dict(epoch=epoch, batch=batch + 1, step=step), **state)
                 run.stopped(step)  # says how to resume, then exits 130 (143 on SIGTERM): no samples
-        run.save(dict(epoch=epoch + 1, batch=0, step=step), **state)  # checkpoint.pt, curves.csv/png
+        # checkpoint.pt, curves.csv/png; on a full disk, or a NaN since the last fetch, it exits (one line)
+        run.save(dict(epoch=epoch + 1, batch=0, step=step), **state)
         with torch.no_grad():
             run.save_grid(G_ema(fixed_z), epoch + 1, step)  # grid.png, and grids/ keeps every epoch's
         run.write(f"epoch {epoch + 1}/{args.epochs}: step {step}, {args.out}/grid.png, {run.ckpt_path}")
@@ -315,7 +315,7 @@ def main(argv=None):
             run.save_grid(G_ema(fixed_z))
 
     # --sample N: samples from the averaged G, in fp32 (bf16 keeps 8 bits of mantissa: a grey level of error)
-    sample_gen = torch.Generator().manual_seed(args.seed + 1)
+    sample_gen = torch.Generator().manual_seed(args.seed + 1)  # not fixed_z's noise
 
     def generate(count):  # always batches of 500, the last one cut to count: G's BatchNorm normalizes
         with torch.no_grad():  # over the batch it is given, so a batch of a few images would be off

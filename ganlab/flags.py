@@ -6,7 +6,7 @@ usage error, "argument --batch-size: must be a whole number >= 1, got '0'" (exit
     positive_int, nonnegative_int          whole numbers >= 1 / >= 0
     positive_float, nonnegative_float      finite numbers > 0 / >= 0
     decay                                  a moving-average decay: 0 (off) <= d < 1
-    seed                                   0 <= seed < 2**64, the range torch.manual_seed takes
+    seed                                   0 <= seed < 2**32 (seed * 100_003 + epoch seeds an epoch)
     device                                 auto, cpu, cuda, cuda:N, ... (checked by resolve_device)
     diffaug_policy                         none, or some of color,translation,cutout
 
@@ -106,8 +106,10 @@ def decay(text):
 
 def seed(text):
     value = _number(text, int)
-    if not 0 <= value < 2 ** 64:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 2**64 - 1, got {text!r}")
+    # below 2**32: the scripts seed each epoch's generator with seed * 100_003 + epoch, which must fit
+    # torch.manual_seed's 64 bits (and numpy's seeds are 32-bit)
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 2**32 - 1, got {text!r}")
     return value
 
 

@@ -47,7 +47,7 @@ def finished(trained):
     (["--d-steps", 0], "--d-steps"), (["--d-steps", -2], "--d-steps"),
     (["--nz", 0], "--nz"), (["--ngf", 0], "--ngf"), (["--ndf", -3], "--ndf"),
     (["--lr-g", -1], "--lr-g"), (["--lr-d", "nan"], "--lr-d"), (["--lr-g", "inf"], "--lr-g"),
-    (["--seed", 2 ** 64], "--seed"), (["--seed", -1], "--seed"),
+    (["--seed", 2 ** 32], "--seed"), (["--seed", -1], "--seed"),
     (["--device", "xyz"], "--device"), (["--device", "meta"], "--device"),
     (["--max-images", 0], "--max-images"), (["--max-images", -3], "--max-images"),
     (["--epochs", -1], "--epochs"), (["--ema", 1.5], "--ema"), (["--ema", -0.1], "--ema"), (["--ema", "nan"], "--ema"),

@@ -372,6 +372,13 @@ def test_flags_reach_the_training_loop(tmp_path, monkeypatch):
     assert all(a[3] == "" for a in seen["diffaug"])  # only the check of the policy, no draws
 
 
+@pytest.mark.parametrize("script", ["dcgan", "wgan"])
+def test_the_largest_seed_trains_and_samples(script, tmp_path):
+    # the epoch generators take seed * 100_003 + epoch and the samples seed + 1: all must fit 64 bits
+    folder = run(script, tmp_path, "--epochs", 2, "--seed", 2 ** 32 - 1, "--sample", 3)
+    assert ckpt(folder)["epoch"] == 2 and len(os.listdir(os.path.join(folder, "samples"))) == 3
+
+
 def test_seed_changes_the_run_and_fixes_it(tmp_path):
     a = ckpt(run("dcgan", tmp_path, "--epochs", 1, "--seed", 1, out="a"))
     b = ckpt(run("dcgan", tmp_path, "--epochs", 1, "--seed", 1, "--force", out="a"))

@@ -473,7 +473,7 @@ BAD_INPUT = [  # issue 15's vae.py cases: each (argv, what the message must say)
     (["--lr", "nan"], "--lr: must be a finite number"),
     (["--holdout", "0"], "--holdout: must be a number > 0"),
     (["--holdout", "1"], "--holdout 1.0: give the fraction of the images to hold out, between 0 and 1"),
-    (["--seed", str(2 ** 64)], "--seed: must be a whole number from 0 to 2**64 - 1"),
+    (["--seed", str(2 ** 32)], "--seed: must be a whole number from 0 to 2**32 - 1"),
     (["--device", "xyz"], "--device: must be auto, cpu, cuda or cuda:N"),
     (["--device", "meta"], "--device: 'meta' is not supported here"),
     (["--epochs", "-1"], "--epochs: must be a whole number >= 0"),
