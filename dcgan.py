@@ -149,7 +149,7 @@ def bce(logits, target):
 
 
 def d_loss(d_real, d_fake):
-    """D's loss from its logits, D = sigmoid(l): -[E log D(x) + E log(1 - D(G(z)))] = BCE(l_real, 1) + BCE(l_fake, 0)."""
+    """D's loss from its logits l, D = sigmoid(l): -[E log D(x) + E log(1 - D(G(z)))] = BCE(l_x, 1) + BCE(l_G(z), 0)."""
     return bce(d_real, 1.0) + bce(d_fake, 0.0)
 
 
