@@ -1,6 +1,6 @@
 """DCGAN: the original GAN objective on deep convolutional networks (Radford et al. 2015).
 
-    python dcgan.py --sample 1000          # the built-in icons, about 2 CPU-minutes (DATA_DEFAULTS below)
+    python dcgan.py --sample 1000          # the built-in icons, about 6 CPU-minutes (DATA_DEFAULTS below)
     python dcgan.py --data lld --sample 50000 --zip NAME      # the logo hand-in: NAME.zip of 1.png ... 50000.png
     torchrun --standalone --nproc-per-node 8 dcgan.py --data lld --epochs 20 --sample 50000   # 8 GPUs
 
@@ -55,7 +55,7 @@ training.add_run_flags(parser, epochs=25, batch_size=128)
 MUST_MATCH = ["image_size", "nz", "ngf", "ndf"]  # a checkpoint only fits networks of the same shapes
 # per data set, settings that differ from the defaults above and training.add_run_flags' (measured:
 # docs/results.md); a flag given on the command line wins, and a resumed run keeps its own.
-# shapes: the built-in icons train in about 2 CPU-minutes with these
+# shapes: the built-in icons in about 6 CPU-minutes (60 epochs: cleaner shapes than 24)
 DATA_DEFAULTS = {
     "shapes": dict(max_images=5000, epochs=60, batch_size=64, ngf=24, ndf=16, lr_g=1e-3, lr_d=1e-3, ema=0.99,
                    augment="flip", diffaug="color,translation"),
