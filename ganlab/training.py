@@ -19,9 +19,9 @@ updates) and call this module in one line where something of the machinery happe
 Several processes (torchrun, DistributedDataParallel): every process draws the same random
 numbers for the whole --batch-size and keeps its own rows (the scripts' `mine`: rows run.rank *
 B / run.world onwards), so one process is exactly a plain `python` run, and a checkpoint has no
-rank in it. Process 0 (the global RANK) writes every
-file and prints every line; the losses are averaged over the processes before they are logged,
-so every process takes the same NaN and Ctrl-C decision at the same step.
+rank in it. Process 0 (the global RANK) writes every file and prints every line; the losses are
+averaged over the processes before they are logged, so every process takes the same NaN and
+Ctrl-C decision at the same step.
 """
 
 import argparse
