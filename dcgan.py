@@ -1,6 +1,6 @@
 """DCGAN: the original GAN objective on deep convolutional networks (Radford et al. 2015).
 
-    python dcgan.py --sample 1000          # the built-in icons, about 6 CPU-minutes (DATA_DEFAULTS below)
+    python dcgan.py --sample 1000          # the built-in icons, about 4 minutes on 2 cores (DATA_DEFAULTS below)
     python dcgan.py --data lld --sample 50000 --zip NAME      # the logo hand-in: NAME.zip of 1.png ... 50000.png
     torchrun --standalone --nproc-per-node 8 dcgan.py --data lld --epochs 20 --sample 50000   # 8 GPUs
 
@@ -17,7 +17,7 @@ samples/1.png ... N.png (and NAME.zip with --zip NAME). `diff dcgan.py lsgan.py`
 shows what another objective changes. README: results, and the commands that made them.
 
 Measured on a 2-core CPU (docs/results.md): the first command's samples, scored by tools/modes.py:
-61% recognised, 32 of 36 modes (seed 1: 67%, 34); 64x64 faces, 12 epochs: FID 153.5 (other real faces: 5.3).
+61% recognised, 33 of 36 modes (one thread, seeds 0, 1: 61%, 67%); 64x64 faces, 12 epochs: FID 153.5 (real: 5.3).
 """
 
 import argparse
@@ -211,7 +211,7 @@ def main(argv=None):
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(0.5, 0.999))
     # what a checkpoint holds besides the position; --resume loads each of them back, and the random states
     state = dict(G=G, D=D, G_ema=G_ema if args.ema else None, opt_g=opt_g, opt_d=opt_d, fixed_z=fixed_z)
-    # run.checkpoint: the dict loaded from --resume (None without); position: where it stopped
+    # run.checkpoint: the --resume dict (None without); position: where it stopped (epoch: run.start_epoch)
     position = run.restore(**state) if run.checkpoint else dict(epoch=0, batch=0, step=0)
     step = position["step"]
 

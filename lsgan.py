@@ -1,6 +1,6 @@
 """LSGAN: the least-squares GAN (Mao et al. 2017) on the DCGAN networks of dcgan.py.
 
-    python lsgan.py --sample 1000          # the built-in icons, about 6 CPU-minutes (DATA_DEFAULTS below)
+    python lsgan.py --sample 1000          # the built-in icons, about 4 minutes on 2 cores (DATA_DEFAULTS below)
     python lsgan.py --data anime --image-size 32 --epochs 8   # the anime faces (at 64x64 it stayed grey: docs)
 
 A generator G turns noise z ~ N(0, I) into an image; a discriminator D gives each image a raw
@@ -207,7 +207,7 @@ def main(argv=None):
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(0.5, 0.999))
     # what a checkpoint holds besides the position; --resume loads each of them back, and the random states
     state = dict(G=G, D=D, G_ema=G_ema if args.ema else None, opt_g=opt_g, opt_d=opt_d, fixed_z=fixed_z)
-    # run.checkpoint: the dict loaded from --resume (None without); position: where it stopped
+    # run.checkpoint: the --resume dict (None without); position: where it stopped (epoch: run.start_epoch)
     position = run.restore(**state) if run.checkpoint else dict(epoch=0, batch=0, step=0)
     step = position["step"]
 

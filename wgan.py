@@ -241,7 +241,7 @@ def main(argv=None):
         opt_d = torch.optim.RMSprop(D.parameters(), lr=args.lr_d)
     # what a checkpoint holds besides the position; --resume loads each of them back, and the random states
     state = dict(G=G, D=D, G_ema=G_ema if args.ema else None, opt_g=opt_g, opt_d=opt_d, fixed_z=fixed_z)
-    # run.checkpoint: the dict loaded from --resume (None without); position: where it stopped
+    # run.checkpoint: the --resume dict (None without); position: where it stopped (epoch: run.start_epoch)
     position = run.restore(**state) if run.checkpoint else dict(epoch=0, batch=0, step=0)
     step = position["step"]
 
