@@ -41,6 +41,8 @@ group.add_argument("--nz", type=flags.positive_int, default=100, help="size of t
 group.add_argument("--ngf", type=flags.positive_int, default=64, help="G's width: channels of its last hidden layer")
 group.add_argument("--ndf", type=flags.positive_int, default=64, help="D's width: channels of its first layer")
 group.add_argument("--ema", type=flags.decay, default=0.999, help="decay of the average of G's weights (0: off)")
+group.add_argument("--d-norm", default="batch", choices=["batch", "none"],
+                   help="D's normalization: BatchNorm (the paper's), or none (needed at 64x64: docs/results.md)")
 group = parser.add_argument_group("training")
 group.add_argument("--lr-g", type=flags.positive_float, default=2e-4, help="G's learning rate (Adam)")
 group.add_argument("--lr-d", type=flags.positive_float, default=2e-4, help="D's learning rate (Adam)")
@@ -49,7 +51,7 @@ group.add_argument("--diffaug", type=flags.diffaug_policy, default="none",
                    help="DiffAugment of real and fake images in both updates, e.g. color,translation,cutout; or none")
 # and the flags every script shares: data, epochs, batch size, seed, device, output, resume
 training.add_run_flags(parser, epochs=25, batch_size=128)
-MUST_MATCH = ["image_size", "nz", "ngf", "ndf"]  # a checkpoint only fits networks of the same shapes
+MUST_MATCH = ["image_size", "nz", "ngf", "ndf", "d_norm"]  # a checkpoint only fits the same networks
 # per data set, settings that differ from the defaults above and training.add_run_flags' (measured:
 # docs/results.md); a flag given on the command line wins, and a resumed run keeps its own.
 # shapes: the built-in icons in about 6 CPU-minutes (60 epochs: cleaner shapes than 24)
@@ -105,7 +107,7 @@ class Discriminator(nn.Module):
     """images (B, 3, S, S) -> one number per image (B,). Shapes at 32x32, ndf 64 (the paper's):
     (B, 3, 32, 32) -> (B, 64, 16, 16) -> (B, 128, 8, 8) -> (B, 256, 4, 4) -> (B,)"""
 
-    def __init__(self, image_size, ndf):
+    def __init__(self, image_size, ndf, batchnorm=True):
         super().__init__()
         start, doublings = start_size(image_size)
         width = [ndf * min(2 ** k, 8) for k in range(doublings)]  # as in G
@@ -114,8 +116,9 @@ class Discriminator(nn.Module):
                   nn.LeakyReLU(0.2, inplace=True)]  # (B, 64, 16, 16)
         for k in range(1, doublings):
             # kernel 4, stride 2, padding 1 halves the side: (B, width[k-1], s, s) -> (B, width[k], s/2, s/2)
-            layers += [nn.Conv2d(width[k - 1], width[k], kernel_size=4, stride=2, padding=1, bias=False),
-                       nn.BatchNorm2d(width[k]), nn.LeakyReLU(0.2, inplace=True)]
+            # (--d-norm none: without BatchNorm, which at 64x64 let G collapse to one grey image)
+            layers += [nn.Conv2d(width[k - 1], width[k], kernel_size=4, stride=2, padding=1, bias=not batchnorm),
+                       nn.BatchNorm2d(width[k]) if batchnorm else nn.Identity(), nn.LeakyReLU(0.2, inplace=True)]
         # last layer: one raw score per image; no sigmoid, the squared error acts on the score itself
         layers += [nn.Conv2d(width[-1], 1, kernel_size=start, stride=1, padding=0, bias=False)]  # (B, 1, 1, 1)
         self.net = nn.Sequential(*layers)
@@ -192,7 +195,8 @@ def main(argv=None):
     # training steps call them (compiled with --compile, DistributedDataParallel under torchrun);
     # samples come from G_ema, a moving average of G's weights (smoother than G's last step)
     try:
-        G, D = Generator(S, args.nz, args.ngf).to(device), Discriminator(S, args.ndf).to(device)
+        G = Generator(S, args.nz, args.ngf).to(device)
+        D = Discriminator(S, args.ndf, batchnorm=args.d_norm == "batch").to(device)
     except ValueError as error:
         run.error(str(error))
     G.apply(weights_init)

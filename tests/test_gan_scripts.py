@@ -105,8 +105,9 @@ def test_help_lists_every_common_flag_with_its_default(script, capsys):
     assert text.count("or none (default: none)") == 2  # --augment and --diffaug: off, as measured best
 
 
-@pytest.mark.parametrize("script,flags", [("dcgan", []), ("lsgan", []), ("wgan", []), ("wgan", ["--gp", 10])],
-                         ids=["dcgan", "lsgan", "wgan-clip", "wgan-gp"])
+@pytest.mark.parametrize("script,flags", [("dcgan", []), ("lsgan", []), ("lsgan", ["--d-norm", "none"]), ("wgan", []),
+                                         ("wgan", ["--gp", 10])],
+                         ids=["dcgan", "lsgan", "lsgan-no-norm", "wgan-clip", "wgan-gp"])
 def test_training_writes_grid_curves_and_checkpoint(script, flags, tmp_path):
     folder = run(script, tmp_path, "--epochs", 2, *flags)
     steps = 2 * 64 // (16 * (2 if script == "wgan" else 1))
@@ -136,6 +137,10 @@ def test_training_writes_grid_curves_and_checkpoint(script, flags, tmp_path):
                    if "running" not in k and "num_batches" not in k) <= 0.01
     else:
         assert state["opt_d"]["param_groups"][0]["betas"] == (0.5, 0.999)
+    if script == "lsgan":  # --d-norm: BatchNorm in D's hidden layers, or none (then the convolutions have biases)
+        has_norm = flags != ["--d-norm", "none"]
+        assert any("running_mean" in k for k in state["D"]) == has_norm
+        assert ("net.2.bias" in state["D"]) != has_norm  # net.2: the first hidden convolution
 
 
 def test_architecture_follows_image_size_and_widths():
@@ -242,6 +247,12 @@ def test_resume_refuses_incompatible_settings(trained, capsys):
     assert "--image-size 32, not 64" in message
     message = error_of(capsys, "dcgan", ["--resume", path, "--nz", 50, "--epochs", 2])
     assert "--nz 100, not 50" in message
+
+
+def test_lsgan_resume_refuses_another_d_norm(tmp_path, capsys):
+    folder = run("lsgan", tmp_path, "--epochs", 1)
+    message = error_of(capsys, "lsgan", ["--resume", os.path.join(folder, "checkpoint.pt"), "--d-norm", "none"])
+    assert "--d-norm batch, not none" in message
 
 
 def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path, capsys):

@@ -287,19 +287,21 @@ OBJECTIVES = {  # (D's loss of (D's outputs on reals, on fakes), G's loss of D's
 }
 
 GAN_CASES = [(dcgan, ["--g-loss", "non-saturating"]), (dcgan, ["--g-loss", "saturating"]), (lsgan, []),
+             (lsgan, ["--d-norm", "none"]),
              (wgan, ["--d-steps", "1", "--gp", "0", "--lr-d", "1e-3", "--lr-g", "1e-3"]),
              (wgan, ["--d-steps", "1", "--gp", "10", "--lr-d", "1e-3", "--lr-g", "1e-3"])]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("module,flags", GAN_CASES,
-                         ids=["dcgan-non-saturating", "dcgan-saturating", "lsgan", "wgan-clip", "wgan-gp"])
+                         ids=["dcgan-non-saturating", "dcgan-saturating", "lsgan", "lsgan-no-norm", "wgan-clip", "wgan-gp"])
 def test_one_d_step_and_one_g_step_move_the_right_way(module, flags, seed, one_batch_set, tmp_path):
     real = one_batch_set
     common = ["--ngf", 8, "--ndf", 8, "--nz", 16, "--ema", 0.9, "--seed", seed] + (
         ["--lr-d", 1e-3, "--lr-g", 1e-3] if module is not wgan else [])
     first, second = step_twice(module, tmp_path, [str(f) for f in common] + flags)
-    kwargs = {"batchnorm": not first["args"]["gp"]} if module is wgan else {}
+    kwargs = ({"batchnorm": not first["args"]["gp"]} if module is wgan else
+              {"batchnorm": first["args"]["d_norm"] == "batch"} if module is lsgan else {})
     G1, D1 = networks(module, first, **kwargs)
     G2, D2 = networks(module, second, **kwargs)
     nz = first["args"]["nz"]
