@@ -195,8 +195,7 @@ def main(argv=None):
     # training steps call them (compiled with --compile, DistributedDataParallel under torchrun);
     # samples come from G_ema, a moving average of G's weights (smoother than G's last step)
     try:
-        G = Generator(S, args.nz, args.ngf).to(device)
-        D = Discriminator(S, args.ndf, batchnorm=args.d_norm == "batch").to(device)
+        G, D = Generator(S, args.nz, args.ngf).to(device), Discriminator(S, args.ndf, args.d_norm == "batch").to(device)
     except ValueError as error:
         run.error(str(error))
     G.apply(weights_init)

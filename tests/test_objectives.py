@@ -294,7 +294,8 @@ GAN_CASES = [(dcgan, ["--g-loss", "non-saturating"]), (dcgan, ["--g-loss", "satu
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("module,flags", GAN_CASES,
-                         ids=["dcgan-non-saturating", "dcgan-saturating", "lsgan", "lsgan-no-norm", "wgan-clip", "wgan-gp"])
+                         ids=["dcgan-non-saturating", "dcgan-saturating", "lsgan", "lsgan-no-norm", "wgan-clip",
+                              "wgan-gp"])
 def test_one_d_step_and_one_g_step_move_the_right_way(module, flags, seed, one_batch_set, tmp_path):
     real = one_batch_set
     common = ["--ngf", 8, "--ndf", 8, "--nz", 16, "--ema", 0.9, "--seed", seed] + (
