@@ -1,7 +1,8 @@
 """LSGAN: the least-squares GAN (Mao et al. 2017) on the DCGAN networks of dcgan.py.
 
     python lsgan.py --sample 1000          # the built-in icons, about 4 minutes on 2 cores (DATA_DEFAULTS below)
-    python lsgan.py --data anime --image-size 32 --epochs 8   # the anime faces (at 64x64 it stayed grey: docs)
+    python lsgan.py --data anime --image-size 32 --epochs 8   # the anime faces at 32x32
+    python lsgan.py --data anime --image-size 64 --epochs 4 --batch-size 64 --ngf 32 --ndf 32 --d-norm none
 
 A generator G turns noise z ~ N(0, I) into an image; a discriminator D gives each image a raw
 score (no sigmoid), pushed to b = 1 for real images and a = 0 for fakes; G wants c = 1:
