@@ -544,3 +544,17 @@ def test_lld_takes_the_settings_measured_on_real_logos(tmp_path, monkeypatch, ca
         module.main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "with --data lld (LLD-icon, the logo hand-in) these defaults change" in help_text
+
+
+def test_anime_takes_the_augmentation_measured_at_64x64(tmp_path, monkeypatch):
+    module = SCRIPTS["dcgan"]
+    monkeypatch.setattr(data, "load_images",  # the built-in set stands in for the faces
+                        lambda name, root=None, size=None, **kw: _cached_load("shapes", root, size))
+    small = ["--max-images", "64", "--batch-size", "16", "--epochs", "1", "--data", "anime"]
+    module.main(small + ["--out", str(tmp_path / "anime")])
+    settings = ckpt(str(tmp_path / "anime"))["args"]
+    assert (settings["augment"], settings["diffaug"]) == ("flip", "color,translation")
+    assert settings["ngf"] == module.parser.get_default("ngf")  # the rest: the paper's
+    module.main(small + ["--out", str(tmp_path / "none"), "--augment", "none", "--diffaug", "none"])
+    assert (ckpt(str(tmp_path / "none"))["args"]["augment"], ckpt(str(tmp_path / "none"))["args"]["diffaug"]) == \
+           ("none", "none")  # given flags win
