@@ -118,7 +118,8 @@ class Discriminator(nn.Module):
                   nn.LeakyReLU(0.2, inplace=True)]  # (B, 64, 16, 16)
         for k in range(1, doublings):
             # kernel 4, stride 2, padding 1 halves the side: (B, width[k-1], s, s) -> (B, width[k], s/2, s/2)
-            # (--d-norm none: without BatchNorm, which at 64x64 let G collapse to one grey image)
+            # (--d-norm none: no BatchNorm, with which G collapsed to one grey image at 64x64; the convolution
+            # then has a bias, which BatchNorm's own shift makes redundant)
             layers += [nn.Conv2d(width[k - 1], width[k], kernel_size=4, stride=2, padding=1, bias=not batchnorm),
                        nn.BatchNorm2d(width[k]) if batchnorm else nn.Identity(), nn.LeakyReLU(0.2, inplace=True)]
         # last layer: one raw score per image; no sigmoid, the squared error acts on the score itself
