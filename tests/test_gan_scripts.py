@@ -556,5 +556,5 @@ def test_anime_takes_the_augmentation_measured_at_64x64(tmp_path, monkeypatch):
     assert (settings["augment"], settings["diffaug"]) == ("flip", "color,translation")
     assert settings["ngf"] == module.parser.get_default("ngf")  # the rest: the paper's
     module.main(small + ["--out", str(tmp_path / "none"), "--augment", "none", "--diffaug", "none"])
-    assert (ckpt(str(tmp_path / "none"))["args"]["augment"], ckpt(str(tmp_path / "none"))["args"]["diffaug"]) == \
-           ("none", "none")  # given flags win
+    given = ckpt(str(tmp_path / "none"))["args"]
+    assert (given["augment"], given["diffaug"]) == ("none", "none")  # given flags win
