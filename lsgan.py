@@ -43,6 +43,8 @@ group.add_argument("--nz", type=flags.positive_int, default=100, help="size of t
 group.add_argument("--ngf", type=flags.positive_int, default=64, help="G's width: channels of its last hidden layer")
 group.add_argument("--ndf", type=flags.positive_int, default=64, help="D's width: channels of its first layer")
 group.add_argument("--ema", type=flags.decay, default=0.999, help="decay of the average of G's weights (0: off)")
+group.add_argument("--z-mixture", type=flags.nonnegative_int, default=0,
+                   help="K > 0: z from a mixture of K unit Gaussians around fixed random centres; 0: z ~ N(0, I)")
 group.add_argument("--d-norm", default="batch", choices=["batch", "none"],
                    help="D's normalization: BatchNorm (the paper's), or none (needed at 64x64: docs/results.md)")
 group = parser.add_argument_group("training")
@@ -53,7 +55,7 @@ group.add_argument("--diffaug", type=flags.diffaug_policy, default="none",
                    help="DiffAugment of real and fake images in both updates, e.g. color,translation,cutout; or none")
 # and the flags every script shares: data, epochs, batch size, seed, device, output, resume
 training.add_run_flags(parser, epochs=25, batch_size=128)
-MUST_MATCH = ["image_size", "nz", "ngf", "ndf", "d_norm"]  # a checkpoint only fits the same networks
+MUST_MATCH = ["image_size", "nz", "ngf", "ndf", "d_norm", "z_mixture"]  # a checkpoint fits the same networks and noise
 # per data set, settings that differ from the defaults above and training.add_run_flags' (measured:
 # docs/results.md); a flag given on the command line wins, and a resumed run keeps its own.
 # shapes: the built-in icons in about 6 CPU-minutes (60 epochs: cleaner shapes than 24)
@@ -205,14 +207,33 @@ def main(argv=None):
     D.apply(weights_init)
     G_ema = copy.deepcopy(G).requires_grad_(False) if args.ema else G
     G_train, D_train = run.wrap(G), run.wrap(D)
-    fixed_z = torch.randn(64, args.nz, 1, 1, generator=torch.Generator().manual_seed(args.seed)).to(device)
+
+    # the noise: z ~ N(0, I), as in the paper, or with --z-mixture K, z = c_k + N(0, I) with k uniform among K
+    # fixed centres c_k ~ N(0, I) (GM-GAN, Ben-Yosef & Weinshall 2018). Why: G is continuous, so it maps the one
+    # connected cloud N(0, I) onto one connected set of images; where the data's modes are apart (a disc, a
+    # square) it must draw images between them, neither disc nor square. Separate clouds let it jump.
+    noise_gen = torch.Generator().manual_seed(args.seed)
+    centres = torch.randn(args.z_mixture, args.nz, generator=noise_gen).to(device)  # (K, nz); (0, nz) when off
+
+    def draw_noise(count, generator=None):
+        """count noise vectors (count, nz, 1, 1) on the device: from generator (on the CPU) if given,
+        else from the device's own random stream"""
+        where = device if generator is None else "cpu"
+        z = torch.randn(count, args.nz, generator=generator, device=where)
+        if args.z_mixture:
+            k = torch.randint(args.z_mixture, (count,), generator=generator, device=where)
+            z = z + centres.to(where)[k]
+        return z.to(device).view(count, args.nz, 1, 1)
+
+    fixed_z = draw_noise(64, noise_gen)
 
     # optimizers: Adam(2e-4, betas=(0.5, 0.999)) as in the DCGAN paper; a lower beta1 reacts faster
     # to an opponent that keeps changing
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(0.5, 0.999))
     # what a checkpoint holds besides the position; --resume loads each of them back, and the random states
-    state = dict(G=G, D=D, G_ema=G_ema if args.ema else None, opt_g=opt_g, opt_d=opt_d, fixed_z=fixed_z)
+    state = dict(G=G, D=D, G_ema=G_ema if args.ema else None, opt_g=opt_g, opt_d=opt_d, fixed_z=fixed_z,
+                 z_centres=centres if args.z_mixture else None)
     # run.checkpoint: the --resume dict (None without); position: where it stopped (epoch: run.start_epoch)
     position = run.restore(**state) if run.checkpoint else dict(epoch=0, batch=0, step=0)
     step = position["step"]
@@ -237,7 +258,7 @@ def main(argv=None):
                                       device=device)[mine]
                 real = warp_batch(bank, index, theta, S, padding="reflection", dtype=run.image_dtype,  # bf16 on GPUs
                                   check_index=False)  # indices from randperm are valid: no check, no sync
-                z = torch.randn(args.batch_size, args.nz, 1, 1, device=device)[mine]
+                z = draw_noise(args.batch_size)[mine]
                 with run.autocast:  # bf16 on a GPU, nothing on the CPU
                     with torch.no_grad():
                         fake = G_train(z)  # the D step does not train G: no graph through G
@@ -249,7 +270,7 @@ def main(argv=None):
                 opt_d.step()
 
             # (2) update G: min g_loss (above), through D, on fresh noise
-            z = torch.randn(args.batch_size, args.nz, 1, 1, device=device)[mine]
+            z = draw_noise(args.batch_size)[mine]
             with run.autocast:
                 d_gen = D_train(diffaug(G_train(z)))
                 loss_g = g_loss(d_gen)
@@ -283,7 +304,7 @@ def main(argv=None):
 
     def generate(count):  # always batches of 500, the last one cut to count: G's BatchNorm normalizes
         with torch.no_grad():  # over the batch it is given, so a batch of a few images would be off
-            return to_uint8(G_ema(torch.randn(500, args.nz, 1, 1, generator=sample_gen).to(device)))[:count]
+            return to_uint8(G_ema(draw_noise(500, sample_gen)))[:count]
 
     # calls generate(count) until it has N images: samples/1.png ... N.png (NAME.zip with --zip NAME);
     # nothing without --sample, and only process 0 writes

@@ -255,6 +255,34 @@ def test_lsgan_resume_refuses_another_d_norm(tmp_path, capsys):
     assert "--d-norm batch, not none" in message
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_z_mixture_feeds_g_noise_around_fixed_centres(script, tmp_path, monkeypatch, capsys):
+    # --z-mixture K: z = c_k + e, k uniform in 0..K-1, e ~ N(0, I), the K centres drawn once and kept in the
+    # checkpoint. Record every z G is given (training, the grid and the samples) and check that definition.
+    seen = []
+    module = SCRIPTS[script]
+    forward = module.Generator.forward
+    monkeypatch.setattr(module.Generator, "forward", lambda self, z: seen.append(z.detach()) or forward(self, z))
+    folder = run(script, tmp_path, "--epochs", 2, "--nz", 16, "--z-mixture", 3, "--sample", 600)
+    centres = ckpt(folder)["z_centres"]
+    assert centres.shape == (3, 16) and ckpt(folder)["args"]["z_mixture"] == 3
+    z = torch.cat(seen).flatten(1)  # (n, 16)
+    distance = torch.cdist(z, centres)  # (n, 3)
+    nearest = distance.argmin(1)
+    e = z - centres[nearest]
+    # the centres are ~sqrt(2 * 16) = 5.7 apart and e's norm is ~4: the nearest centre is the one drawn
+    assert len(z) > 1000 and torch.bincount(nearest, minlength=3).min() > len(z) / 5  # all three, about evenly
+    assert abs(e.mean().item()) < 0.05 and abs(e.std().item() - 1) < 0.05
+    # resumed, the run keeps its centres; another K is refused (G was trained on this noise)
+    seen.clear()
+    module.main(["--resume", os.path.join(folder, "checkpoint.pt"), "--epochs", "0", "--sample", "500",
+                "--out", str(tmp_path / "again")])
+    z = torch.cat(seen).flatten(1)
+    assert (torch.cdist(z, centres).min(1).values < 7).all()
+    message = error_of(capsys, script, ["--resume", os.path.join(folder, "checkpoint.pt"), "--z-mixture", 0])
+    assert "--z-mixture 3, not 0" in message
+
+
 def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path, capsys):
     missing = tmp_path / "nothing.pt"
     assert "does not exist" in error_of(capsys, "dcgan", ["--resume", missing])
