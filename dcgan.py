@@ -4,7 +4,7 @@
     python dcgan.py --data lld --sample 50000 --zip NAME      # the logo hand-in: NAME.zip of 1.png ... 50000.png
     torchrun --standalone --nproc-per-node 8 dcgan.py --data lld --epochs 20 --sample 50000   # 8 GPUs
 
-A generator G turns noise z ~ N(0, I) into an image; a discriminator D outputs a logit l and
+A generator G turns noise z ~ N(0, I) (or a mixture: --z-mixture) into an image; a discriminator D outputs a logit l and
 D(x) = sigmoid(l), its probability that x is a real image. They play (Goodfellow et al. 2014):
 
     D:  max  E_x log D(x) + E_z log(1 - D(G(z)))

@@ -4,8 +4,8 @@
     python lsgan.py --data anime --image-size 32 --epochs 8   # the anime faces at 32x32
     python lsgan.py --data anime --image-size 64 --epochs 4 --batch-size 64 --ngf 32 --ndf 32 --d-norm none
 
-A generator G turns noise z ~ N(0, I) into an image; a discriminator D gives each image a raw
-score (no sigmoid), pushed to b = 1 for real images and a = 0 for fakes; G wants c = 1:
+A generator G turns noise z ~ N(0, I) (or a mixture: --z-mixture) into an image; a discriminator D gives each image
+a raw score (no sigmoid), pushed to b = 1 for real images and a = 0 for fakes; G wants c = 1:
 
     D:  min  1/2 E_x (D(x) - b)^2 + 1/2 E_z (D(G(z)) - a)^2
     G:  min  1/2 E_z (D(G(z)) - c)^2

@@ -4,8 +4,8 @@
     python wgan.py --data lld              # the paper's WGAN: weight clipping, RMSprop, 5 critic steps
     torchrun --standalone --nproc-per-node 8 wgan.py --gp 10 --data lld --epochs 20 --sample 50000   # 8 GPUs
 
-A generator G turns noise z ~ N(0, I) into an image; a critic D gives each image a raw score (no
-sigmoid), restricted to 1-Lipschitz functions; the best critic's gap is the Wasserstein-1 distance:
+A generator G turns noise z ~ N(0, I) (or a mixture: --z-mixture) into an image; a critic D gives each image a raw score
+(no sigmoid), restricted to 1-Lipschitz functions; the best critic's gap is the Wasserstein-1 distance:
 
     D:  max  E_x D(x) - E_z D(G(z))
     G:  min  -E_z D(G(z))
